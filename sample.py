@@ -1,0 +1,180 @@
+"""Draw images from a trained checkpoint: `python sample.py` (see --help), then look in output/."""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from diffusion import SAMPLERS, Diffusion, DiffusionConfig
+from unet import UNet, UNetConfig
+
+FORMAT = "ddpm-fashion-mnist/1"  # stored in every checkpoint; anything else is not ours
+CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first; see train.save_checkpoint
+
+
+class UserError(Exception):
+    """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or the newest one in a folder (ckpt.pt, else ckpt.prev.pt if a save was cut short)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        raise UserError(f"no checkpoint in {path}/ (it holds: {', '.join(found) or 'nothing'}); "
+                        f"train one with `python train.py` or pass --checkpoint PATH")
+    raise UserError(f"checkpoint {path} does not exist; train one with `python train.py` or pass --checkpoint PATH")
+
+
+def load_checkpoint(path):
+    """Load a checkpoint safely (weights_only: tensors and plain data, never code) onto the CPU."""
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
+    return ckpt
+
+
+def build_model(ckpt, device="cpu"):
+    """Rebuild the U-Net and diffusion from the config stored in the checkpoint alone."""
+    config = ckpt["config"]
+    try:
+        model = UNet(UNetConfig.from_dict(config["model"]))
+        model.load_state_dict(ckpt["model"])
+        diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"checkpoint config does not match its weights: {reason[:200]}") from None
+    return model.to(device).eval(), diffusion.to(device)
+
+
+def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size=256, callback=None,
+             progress=True):
+    """n images [n, C, H, W] in [-1, 1] on the CPU, drawn in batches; the same seed gives the same images."""
+    device = next(model.parameters()).device
+    c = model.config
+    g = torch.Generator(device=device).manual_seed(seed)
+    steps = steps or diffusion.timesteps
+    out = []
+    with tqdm(total=steps * -(-n // batch_size), unit="step", desc="sampling", disable=not progress or None,
+              leave=False) as bar:
+        def step_callback(i, t, x, x0):
+            bar.update(1)
+            if callback is not None:
+                callback(i, t, x, x0)
+
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            noise = torch.randn((b, c.in_channels, c.image_size, c.image_size), generator=g, device=device)
+            x = SAMPLERS[sampler](model, diffusion, noise, steps, generator=g, callback=step_callback)
+            out.append(x.cpu())
+    return torch.cat(out)
+
+
+def save_grid(images, path, nrow=8, scale=3):
+    """Images in [-1, 1] as one PNG grid, upscaled with nearest-neighbour so the pixels stay crisp."""
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(images.clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=2, pad_value=1.0)
+    save_image(F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
+
+
+def save_trajectory(snapshots, path):
+    """snapshots: [(t, x0_or_xt [k, 1, H, W])] -> rows = samples, columns = reverse-process steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(snapshots[0][1])
+    fig, axes = plt.subplots(k, len(snapshots), figsize=(1.1 * len(snapshots), 1.1 * k + 0.3), squeeze=False)
+    for j, (t, x) in enumerate(snapshots):
+        for i in range(k):
+            ax = axes[i, j]
+            ax.imshow(x[i, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"t = {t}", fontsize=9)
+    fig.suptitle("Reverse process: from noise x_T (left) to a sample x_0 (right)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_uint8(images):
+    """[-1, 1] float [N, 1, H, W] -> uint8 numpy [N, H, W], the way the dataset stores images."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    a = p.add_argument
+    a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from")
+    a("--n", type=int, default=64, help="number of images to draw")
+    a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step")
+    a("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="reverse-process sampler")
+    a("--steps", type=int, help="sampler steps (default: all T timesteps)")
+    a("--batch-size", type=int, default=256, help="images generated at once")
+    a("--output-dir", default="output", help="where samples.png (and denoising.png) are written")
+    a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
+    a("--save-npz", metavar="PATH", help="also save the images as uint8 [N, 28, 28] under the key 'images'")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    return p
+
+
+def run(args):
+    from train import pick_device
+
+    if args.n <= 0:
+        raise UserError(f"--n must be a positive number of images, got {args.n}")
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, diffusion = build_model(ckpt, device)
+    if args.steps is not None and not 1 <= args.steps <= diffusion.timesteps:
+        raise UserError(f"--steps must be between 1 and {diffusion.timesteps}, got {args.steps}")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint step {ckpt['step']}, {args.sampler} sampler, {args.steps or diffusion.timesteps} steps, "
+          f"{args.n} images on {device}")
+
+    snapshots, keep = [], 8  # trajectory: the first `keep` images at ~10 points of the reverse process
+    steps = args.steps or diffusion.timesteps
+    marks = set(np.linspace(0, steps - 1, 10).round().astype(int).tolist())
+
+    def record(i, t, x, x0):
+        if args.trajectory and len(snapshots) < len(marks) and i in marks:
+            snapshots.append((t, x[:keep].cpu()))
+
+    images = generate(model, diffusion, args.n, args.seed, args.sampler, args.steps, args.batch_size, record)
+    save_grid(images, out / "samples.png")
+    print(f"wrote {out / 'samples.png'}")
+    if args.trajectory:
+        save_trajectory(snapshots, out / "denoising.png")
+        print(f"wrote {out / 'denoising.png'}")
+    if args.save_npz:
+        np.savez_compressed(args.save_npz, images=to_uint8(images))
+        print(f"wrote {args.save_npz}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

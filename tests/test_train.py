@@ -1,0 +1,159 @@
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from diffusion import Diffusion, DiffusionConfig
+from sample import UserError, build_model, load_checkpoint
+from unet import UNet
+
+
+# ---------------------------------------------------------------------------- data
+
+def test_loads_idx_files_it_is_pointed_at(fake_mnist, tmp_path, monkeypatch):
+    folder, arrays = fake_mnist
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(folder))
+    images, labels = train.load_fashion_mnist(tmp_path / "data")
+    assert images.dtype == torch.uint8 and images.shape == (256, 28, 28)
+    assert np.array_equal(images.numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(labels.numpy(), arrays["train-labels-idx1-ubyte"])
+    # Decompressed into the data dir once: found there next time without the variable.
+    monkeypatch.delenv("FASHION_MNIST_DIR")
+    assert (tmp_path / "data/FashionMNIST/raw/train-images-idx3-ubyte").is_file()
+    test_images, _ = train.load_fashion_mnist(tmp_path / "data", train=False)
+    assert np.array_equal(test_images.numpy(), arrays["t10k-images-idx3-ubyte"])
+
+
+def test_debian_package_location_is_used(fake_mnist, tmp_path, monkeypatch):
+    folder, arrays = fake_mnist
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(train, "DEBIAN_DIR", folder)
+    images, _ = train.load_fashion_mnist(tmp_path / "data")
+    assert np.array_equal(images.numpy(), arrays["train-images-idx3-ubyte"])
+
+
+def test_missing_data_names_three_ways_to_get_it(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(train, "DEBIAN_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", no_network)
+    with pytest.raises(UserError) as e:
+        train.prepare_fashion_mnist(tmp_path / "data")
+    msg = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in msg and "FASHION_MNIST_DIR" in msg and "internet" in msg
+
+
+@pytest.mark.skipif(train._find_idx_files(train.DEBIAN_DIR) is None and not Path("data/FashionMNIST/raw").is_dir(),
+                    reason="real Fashion-MNIST not installed")
+def test_real_fashion_mnist(tmp_path):
+    data_dir = "data" if Path("data/FashionMNIST/raw").is_dir() else tmp_path
+    images, labels = train.load_fashion_mnist(data_dir)
+    assert images.shape == (60000, 28, 28) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [6000] * 10
+    x = train.to_model_range(images[:1000])
+    assert x.min() == -1 and x.max() == 1 and x.shape == (1000, 1, 28, 28)
+
+
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    a = train.epoch_batches(100, 8, seed=0, epoch=3, device="cpu")
+    assert a.shape == (12, 8)
+    assert len(a.unique()) == 96
+    assert torch.equal(a, train.epoch_batches(100, 8, seed=0, epoch=3, device="cpu"))
+    assert not torch.equal(a, train.epoch_batches(100, 8, seed=0, epoch=4, device="cpu"))
+
+
+# ---------------------------------------------------------------------------- learning
+
+def test_tiny_model_overfits_a_fixed_batch(tiny_config):
+    d = Diffusion(DiffusionConfig(100))
+    model = UNet(tiny_config)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    t, noise = torch.randint(0, 100, (8,)), torch.randn(8, 1, 28, 28)
+    losses = []
+    for _ in range(150):
+        loss = d.loss(model, x0, t, noise).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 20
+
+
+# ---------------------------------------------------------------------------- checkpoints and resume
+
+def run_training(tmp_path, images, cfg, model_cfg, resume=None):
+    """What train.run does, minus data and figures: set up, train, save."""
+    cpu = torch.device("cpu")
+    model, d, opt, state = train.setup(model_cfg, DiffusionConfig(50), cfg, cpu, resume and load_checkpoint(resume))
+    save = lambda: train.save_checkpoint(train.make_checkpoint(model, d, opt, cfg, state, cpu), tmp_path)
+    train.train(model, d, opt, images, cfg, cpu, state, save)
+    save()
+    return model, state
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config):
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    cfg = dict(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, log_every=2, checkpoint_every=100)
+    straight, s1 = run_training(tmp_path / "a", images, train.TrainConfig(**cfg), tiny_config)
+    # Stop mid-epoch (step 7 of 15, epoch 1 has steps 5-9), then resume in a fresh model.
+    run_training(tmp_path / "b", images, train.TrainConfig(**cfg, max_steps=7), tiny_config)
+    assert load_checkpoint(tmp_path / "b")["step"] == 7
+    resumed, s2 = run_training(tmp_path / "b", images, train.TrainConfig(**cfg), tiny_config, resume=tmp_path / "b")
+    assert s1["step"] == s2["step"] == 15
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert s1["history"] == s2["history"]
+
+
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config):
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    model, _ = run_training(tmp_path, images, train.TrainConfig(epochs=1, batch_size=8, warmup_steps=1), tiny_config)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["step"] == 2 and ckpt["epoch"] == 0
+    rebuilt, diffusion = build_model(ckpt)
+    assert rebuilt.config == model.config and diffusion.timesteps == 50
+    for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_save_keeps_the_previous_checkpoint(tmp_path):
+    train.save_checkpoint({"format": train.FORMAT, "step": 1}, tmp_path)
+    train.save_checkpoint({"format": train.FORMAT, "step": 2}, tmp_path)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.prev.pt", "ckpt.pt"]
+    (tmp_path / "ckpt.pt").unlink()  # as if killed between the two renames
+    assert load_checkpoint(tmp_path)["step"] == 1
+
+
+# ---------------------------------------------------------------------------- configuration
+
+def parse(*argv):
+    return train.build_parser().parse_args(list(argv))
+
+
+def test_preset_fills_what_flags_leave_out():
+    model, diff, cfg, note = train.resolve_configs(parse("--preset", "gpu", "--width", "32", "--lr", "1e-3"),
+                                                   torch.device("cpu"))
+    assert model.width == 32 and cfg.lr == 1e-3
+    assert model.num_res_blocks == train.PRESETS["gpu"]["num_res_blocks"]
+    assert cfg.epochs == train.PRESETS["gpu"]["epochs"] and "preset gpu" in note
+    _, _, _, note = train.resolve_configs(parse(), torch.device("cpu"))
+    assert "preset cpu" in note and "auto" in note
+
+
+def test_resume_keeps_the_saved_model_and_refuses_a_different_one():
+    saved = {"model": train.UNetConfig(width=16).to_dict(), "diffusion": DiffusionConfig(200).to_dict(),
+             "train": vars(train.TrainConfig(epochs=5))}
+    model, diff, cfg, _ = train.resolve_configs(parse("--resume", "x", "--epochs", "9"), torch.device("cpu"), saved)
+    assert model.width == 16 and diff.timesteps == 200 and cfg.epochs == 9
+    with pytest.raises(UserError, match="--width 32 \\(checkpoint: 16\\)"):
+        train.resolve_configs(parse("--resume", "x", "--width", "32"), torch.device("cpu"), saved)

@@ -1,0 +1,393 @@
+"""Train a DDPM on Fashion-MNIST: `python train.py` (see --help), then look in output/."""
+import argparse
+import csv
+import gzip
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffusion import SCHEDULES, Diffusion, DiffusionConfig
+from sample import FORMAT, UserError, generate, load_checkpoint, save_grid
+from unet import UNet, UNetConfig, count_parameters
+
+# Presets fill in every flag the user did not give. The cpu one is sized to finish in about
+# 30 minutes on 2 cores (README, "Measured"); the gpu one is a larger model trained for longer.
+PRESETS = {
+    "cpu": dict(width=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0,
+                epochs=3, batch_size=64, lr=1e-3),
+    "gpu": dict(width=64, channel_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1,
+                epochs=40, batch_size=128, lr=2e-4),
+}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)  # of T; t = 0, 50, 100, 200, ... 999 at T = 1000
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    max_steps: int = 0  # 0: no limit
+    max_minutes: float = 0.0  # 0: no limit
+
+
+# ---------------------------------------------------------------------------- data
+
+def _find_idx_files(folder):
+    """Paths of the four IDX files (plain or .gz) in folder or folder/FashionMNIST/raw, or None."""
+    for d in (Path(folder), Path(folder) / "FashionMNIST" / "raw"):
+        found = [next((p for p in (d / n, d / f"{n}.gz") if p.is_file()), None) for n in IDX_FILES]
+        if all(found):
+            return found
+    return None
+
+
+def prepare_fashion_mnist(data_dir):
+    """Make sure data_dir/FashionMNIST/raw holds the uncompressed IDX files; return data_dir.
+
+    Looks in data_dir, then $FASHION_MNIST_DIR, then Debian's dataset-fashion-mnist package,
+    then asks torchvision to download. Found files are copied (decompressed) into data_dir once.
+    """
+    import torchvision
+
+    data_dir = Path(data_dir)
+    raw = data_dir / "FashionMNIST" / "raw"
+    if all((raw / n).is_file() for n in IDX_FILES):
+        return data_dir
+    for source in (data_dir, os.environ.get("FASHION_MNIST_DIR"), DEBIAN_DIR):
+        files = source and _find_idx_files(source)
+        if files:
+            raw.mkdir(parents=True, exist_ok=True)
+            for name, src in zip(IDX_FILES, files):
+                tmp = raw / f"{name}.tmp"
+                with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f, open(tmp, "wb") as out:
+                    shutil.copyfileobj(f, out)
+                os.replace(tmp, raw / name)
+            return data_dir
+    try:
+        torchvision.datasets.FashionMNIST(data_dir, download=True)
+        return data_dir
+    except Exception as e:  # no network, proxy, mirror down: all end the same way for the user
+        raise UserError(
+            f"Fashion-MNIST not found in {data_dir}/ and the download failed ({type(e).__name__}). Get it one of "
+            f"three ways: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu); put the four IDX files in "
+            f"{raw}/ or point $FASHION_MNIST_DIR at them; or rerun with internet access.") from None
+
+
+def load_fashion_mnist(data_dir, train=True):
+    """Images as one uint8 tensor [N, 28, 28] and labels [N], straight from the IDX files."""
+    import torchvision
+
+    ds = torchvision.datasets.FashionMNIST(prepare_fashion_mnist(data_dir), train=train)
+    return ds.data, ds.targets
+
+
+def to_model_range(images_uint8):
+    """uint8 [B, 28, 28] -> float [B, 1, 28, 28] in [-1, 1]."""
+    return images_uint8.unsqueeze(1).float() / 127.5 - 1
+
+
+def epoch_batches(n, batch_size, seed, epoch, device):
+    """Index batches of one epoch; the order depends only on (seed, epoch), so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).to(device)
+    return perm[: n // batch_size * batch_size].view(-1, batch_size)
+
+
+# ---------------------------------------------------------------------------- figures
+
+def save_forward_figure(images, diffusion, path, seed=0):
+    """A few real images (rows) noised to increasing t (columns); diffusion must be on the CPU."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times = sorted({min(round(f * diffusion.timesteps), diffusion.timesteps - 1) for f in FORWARD_FRACTIONS})
+    x0 = to_model_range(images.cpu())
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    fig, axes = plt.subplots(len(x0), len(times), figsize=(1.1 * len(times), 1.1 * len(x0) + 0.3), squeeze=False)
+    for j, t in enumerate(times):
+        xt = diffusion.q_sample(x0, torch.full((len(x0),), t), noise).clamp(-1, 1)
+        for i in range(len(x0)):
+            ax = axes[i, j]
+            ax.imshow(xt[i, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"t = {t}", fontsize=9)
+    fig.suptitle(f"q(x_t | x_0), {diffusion.config.schedule} schedule", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_loss_history(history, output_dir, smooth=100):
+    """history: [(step, epoch, loss)], one per step -> output_dir/loss.csv and output_dir/loss.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(output_dir / "loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "loss"])
+        w.writerows(history)
+    if not history:
+        return
+    steps, _, losses = map(torch.tensor, zip(*history))
+    k = min(smooth, len(losses))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.5, alpha=0.3, label="per step")
+    ax.plot(steps[k - 1:], losses.unfold(0, k, 1).mean(1), lw=1.5, label=f"mean of {k} steps")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="Training loss (L_simple)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output_dir / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(state, checkpoint_dir):
+    """Write checkpoint_dir/ckpt.pt atomically, moving the one it replaces to ckpt.prev.pt.
+
+    A crash at any moment leaves at least one complete file: the new one is written beside
+    the old under a temporary name, synced, and only then renamed over it.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path, prev, tmp = (checkpoint_dir / n for n in ("ckpt.pt", "ckpt.prev.pt", "ckpt.pt.tmp"))
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, prev)
+    os.replace(tmp, path)
+    return path
+
+
+def make_checkpoint(model, diffusion, optimizer, cfg, state, device):
+    """Everything needed to rebuild the model (configs as plain types) and to resume exactly."""
+    return {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": state["step"], "epoch": state["epoch"], "history": state["history"],
+            "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(), "train": asdict(cfg)},
+            "rng": rng_state(device)}
+
+
+# ---------------------------------------------------------------------------- training
+
+def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
+    """Seeded model, diffusion, Adam and loop state; restored from the checkpoint `saved` if given."""
+    torch.manual_seed(cfg.seed)
+    model = UNet(model_cfg).to(device)
+    diffusion = Diffusion(diffusion_cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = {"step": 0, "epoch": 0, "history": []}
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.update(step=saved["step"], epoch=saved["epoch"], history=[tuple(h) for h in saved["history"]])
+        set_rng_state(saved["rng"], device)
+    return model, diffusion, optimizer, state
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then constant: Adam's early steps are the unstable ones."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def train(model, diffusion, optimizer, images, cfg, device, state, save):
+    """The loop: sample t and noise, take an Adam step on L_simple, log, call save() every so often.
+
+    state holds what must survive a restart (step, epoch, per-step loss history), updated in place.
+    """
+    steps_per_epoch = len(images) // cfg.batch_size
+    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    pending = []  # (step, epoch, loss on the device): read back once per log_every steps, not every step
+
+    def flush():
+        values = torch.stack([loss for *_, loss in pending]).tolist() if pending else []
+        state["history"] += [(s, e, v) for (s, e, _), v in zip(pending, values)]
+        pending.clear()
+        return values
+
+    step, tick = state["step"], time.time()
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None)
+    model.train()
+    while step < total and time.time() < deadline:
+        epoch, start = divmod(step, steps_per_epoch)
+        for idx in epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, device)[start:]:
+            x0 = to_model_range(images[idx])
+            t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device)
+            noise = torch.randn_like(x0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            with autocast:
+                loss = diffusion.loss(model, x0, t, noise).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            pending.append((step, epoch, loss.detach()))
+            state.update(step=step, epoch=epoch)
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                values = flush()
+                rate = len(values) * cfg.batch_size / (time.time() - tick)
+                bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
+                tick = time.time()
+            if step % cfg.checkpoint_every == 0 and step < total:
+                flush()
+                save()
+            if step >= total or time.time() >= deadline:
+                break
+        flush()
+        losses = [v for _, e, v in state["history"] if e == epoch]
+        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {sum(losses) / max(1, len(losses)):.4f}, "
+                   f"step {step}/{total}, {bar.format_dict['rate'] or 0:.2f} steps/s")
+    bar.close()
+    if step < total:
+        tqdm.write(f"stopped at step {step}/{total}: --max-minutes {cfg.max_minutes} reached")
+
+
+# ---------------------------------------------------------------------------- command line
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    a = p.add_argument
+    a("--preset", default="auto", choices=["auto", "cpu", "gpu"],
+      help="defaults for the model size and schedule; auto: gpu on CUDA, cpu otherwise")
+    a("--epochs", type=int, help="passes over the 60k training images (preset)")
+    a("--batch-size", type=int, help="images per step (preset)")
+    a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
+    a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
+    a("--timesteps", type=int, help="diffusion steps T (1000)")
+    a("--schedule", choices=SCHEDULES, help="beta schedule (linear)")
+    a("--width", type=int, help="U-Net channels at full resolution (preset)")
+    a("--channel-mults", type=int, nargs="+", help="channel multiplier per resolution level (preset)")
+    a("--num-res-blocks", type=int, help="residual blocks per level (preset)")
+    a("--attn-resolutions", type=int, nargs="*", help="feature-map sizes with self-attention (preset)")
+    a("--dropout", type=float, help="dropout in residual blocks (preset)")
+    a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
+    a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept")
+    a("--checkpoint-dir", default="checkpoints", help="where ckpt.pt and ckpt.prev.pt are written")
+    a("--output-dir", default="output", help="where the PNGs and loss.csv are written")
+    a("--checkpoint-every", type=int, help="steps between checkpoints (500)")
+    a("--log-every", type=int, help="steps between loss log points (50)")
+    a("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
+    a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit)")
+    a("--max-minutes", type=float, help="stop after this many minutes of training, checkpoint and sample")
+    a("--sample-n", type=int, default=64, help="images in the final output/samples.png (0: skip sampling)")
+    return p
+
+
+def resolve_configs(args, device, saved=None):
+    """Model, diffusion and training configs, and a line saying where they came from.
+
+    Every flag left out (None) takes its value from the checkpoint when resuming, else from
+    the preset; a flag given explicitly always wins, except that a resumed model cannot change.
+    """
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None}
+    if saved is not None:
+        base = {**saved["model"], **saved["diffusion"], **saved["train"]}
+        fixed = [f.name for cls in (UNetConfig, DiffusionConfig) for f in fields(cls)]
+        clash = [k for k in fixed if k in given and given[k] != base[k]]
+        if clash:
+            raise UserError("--resume: the checkpoint was trained with a different model; drop or change "
+                            + ", ".join(f"--{k.replace('_', '-')} {given[k]} (checkpoint: {base[k]})" for k in clash))
+        note = f"config from {args.resume}"
+    else:
+        preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+        base = {**asdict(UNetConfig()), **DiffusionConfig().to_dict(), **asdict(TrainConfig()), **PRESETS[preset]}
+        why = (f"--preset auto found a {device.type} device" if args.preset == "auto" else "--preset")
+        note = f"preset {preset} ({why}; --preset cpu|gpu or any single flag changes it)"
+    merged = {**base, **given}
+    pick = lambda cls: cls(**{f.name: merged[f.name] for f in fields(cls)})
+    return pick(UNetConfig), pick(DiffusionConfig), pick(TrainConfig), note
+
+
+def run(args):
+    device = pick_device(args.device)
+    saved = load_checkpoint(args.resume) if args.resume else None
+    try:
+        model_cfg, diffusion_cfg, cfg, note = resolve_configs(args, device, saved and saved["config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+    out, ckpt_dir = Path(args.output_dir), Path(args.checkpoint_dir)
+    for d in (out, ckpt_dir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    model, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device, saved)
+    images, labels = load_fashion_mnist(args.data_dir)
+    print(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, "
+          f"{len(images)} images, {cfg.epochs} epochs of {len(images) // cfg.batch_size} steps (batch {cfg.batch_size})\n"
+          f"model {model_cfg}\n{diffusion_cfg}\n{cfg}")
+    if saved is None:
+        firsts = [int((labels == c).nonzero()[0]) for c in (0, 1, 5, 7, 8)]  # T-shirt, trouser, sandal, sneaker, bag
+        save_forward_figure(images[firsts], Diffusion(diffusion_cfg), out / "forward_diffusion.png", cfg.seed)
+    images = images.to(device)
+
+    save = lambda: save_checkpoint(make_checkpoint(model, diffusion, optimizer, cfg, state, device), ckpt_dir)
+    started = time.time()
+    train(model, diffusion, optimizer, images, cfg, device, state, save)
+    path = save()
+    save_loss_history(state["history"], out)
+    print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint {path}; "
+          f"loss curve {out / 'loss.png'}")
+    if args.sample_n:
+        samples = generate(model.eval(), diffusion, args.sample_n, cfg.seed)
+        save_grid(samples, out / "samples.png")
+        print(f"wrote {out / 'samples.png'} ({args.sample_n} images, {diffusion.timesteps} DDPM steps)")
+
+
+def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

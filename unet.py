@@ -1,0 +1,164 @@
+"""The denoiser: a small U-Net for 1x28x28 images, in the style of Ho et al. 2020 (appendix B).
+
+Resolutions go 28 -> 14 -> 7 and back: stride-2 convolutions halve, nearest-neighbour
+upsampling doubles, so every size is exact and nothing is cropped.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = 8  # GroupNorm groups; every channel count must divide by it
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    width: int = 64  # channels at full resolution
+    channel_mults: tuple = (1, 2, 2)  # one entry per resolution level: 28, 14, 7
+    num_res_blocks: int = 2  # residual blocks per level on the way down
+    attn_resolutions: tuple = (7,)  # feature-map sizes that get self-attention
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        # Checkpoints store plain lists; keep tuples so configs compare equal after a round trip.
+        self.channel_mults = tuple(self.channel_mults)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        if self.width <= 0 or self.width % GROUPS:
+            raise ValueError(f"width must be a positive multiple of {GROUPS}, got {self.width}")
+        if self.image_size % 2 ** (len(self.channel_mults) - 1):
+            raise ValueError(f"image_size {self.image_size} cannot be halved "
+                             f"{len(self.channel_mults) - 1} times exactly")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuild from a checkpoint's dict; unknown keys are an error, not silently dropped."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, sec. 3.5): [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between (Ho et al. 2020)."""
+
+    def __init__(self, cin, cout, temb_dim, dropout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(GROUPS, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(GROUPS, cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(temb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
+
+    def __init__(self, ch, head_dim=32):
+        super().__init__()
+        self.heads = max(1, ch // head_dim)
+        self.norm = nn.GroupNorm(GROUPS, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """Predicts the noise (or another target) in x_t: ([B, C, H, W], [B] int) -> [B, C, H, W]."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        temb_dim = 4 * c.width
+        self.temb = nn.Sequential(nn.Linear(c.width, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(c.in_channels, c.width, 3, padding=1)
+
+        def block(cin, cout, res):
+            layers = [ResBlock(cin, cout, temb_dim, c.dropout)]
+            if res in c.attn_resolutions:
+                layers.append(AttnBlock(cout))
+            return nn.ModuleList(layers)
+
+        # Down path: remember each block's channels, since the up path concatenates them back.
+        self.down, skips, ch, res = nn.ModuleList(), [c.width], c.width, c.image_size
+        for level, mult in enumerate(c.channel_mults):
+            for _ in range(c.num_res_blocks):
+                self.down.append(block(ch, c.width * mult, res))
+                ch = c.width * mult
+                skips.append(ch)
+            if level < len(c.channel_mults) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, temb_dim, c.dropout), AttnBlock(ch),
+                                  ResBlock(ch, ch, temb_dim, c.dropout)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mults))):
+            for _ in range(c.num_res_blocks + 1):
+                self.up.append(block(ch + skips.pop(), c.width * mult, res))
+                ch = c.width * mult
+            if level > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(ch, ch, 3, padding=1)]))
+                res *= 2
+
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, c.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t):
+        temb = self.temb(timestep_embedding(t, self.config.width))
+        h = self.conv_in(x)
+        hs = [h]
+        for layers in self.down:
+            h = self._run(layers, h, temb)
+            hs.append(h)
+        h = self._run(self.mid, h, temb)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = self._run(layers, h, temb)
+        return self.out(h)
+
+    @staticmethod
+    def _run(layers, h, temb):
+        for layer in layers:
+            h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
