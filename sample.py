@@ -19,6 +19,24 @@ class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
 
 
+def pick_device(name):
+    """auto: the first of cuda, mps, cpu that this machine has; otherwise the device named."""
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:1 or mps") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, True):
+            raise UserError(f"--device {name}: this machine has no {device.type} device; use --device auto")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def resolve_checkpoint(path):
     """A checkpoint file, or the newest one in a folder (ckpt.pt, else ckpt.prev.pt if a save was cut short)."""
     path = Path(path)
@@ -47,12 +65,12 @@ def load_checkpoint(path):
     return ckpt
 
 
-def build_model(ckpt, device="cpu"):
-    """Rebuild the U-Net and diffusion from the config stored in the checkpoint alone."""
+def build_model(ckpt, device="cpu", ema=True):
+    """Rebuild the U-Net (EMA weights unless ema=False) and diffusion from the checkpoint alone."""
     config = ckpt["config"]
     try:
         model = UNet(UNetConfig.from_dict(config["model"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["ema" if ema else "model"])
         diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
@@ -106,7 +124,7 @@ def save_trajectory(snapshots, path):
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_title(f"t = {t}", fontsize=9)
-    fig.suptitle("Reverse process: from noise x_T (left) to a sample x_0 (right)", fontsize=10)
+    fig.suptitle("Reverse process, from noise (left) to a sample (right): x after the step at t", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -118,7 +136,7 @@ def to_uint8(images):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from")
     a("--n", type=int, default=64, help="number of images to draw")
@@ -129,23 +147,22 @@ def build_parser():
     a("--output-dir", default="output", help="where samples.png (and denoising.png) are written")
     a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
     a("--save-npz", metavar="PATH", help="also save the images as uint8 [N, 28, 28] under the key 'images'")
+    a("--no-ema", action="store_true", help="sample with the raw trained weights instead of their EMA")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     return p
 
 
 def run(args):
-    from train import pick_device
-
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of images, got {args.n}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    model, diffusion = build_model(ckpt, device)
+    model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
     if args.steps is not None and not 1 <= args.steps <= diffusion.timesteps:
         raise UserError(f"--steps must be between 1 and {diffusion.timesteps}, got {args.steps}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"checkpoint step {ckpt['step']}, {args.sampler} sampler, {args.steps or diffusion.timesteps} steps, "
+    print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights), {args.sampler} sampler, {args.steps or diffusion.timesteps} steps, "
           f"{args.n} images on {device}")
 
     snapshots, keep = [], 8  # trajectory: the first `keep` images at ~10 points of the reverse process

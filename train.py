@@ -12,17 +12,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from diffusion import SCHEDULES, Diffusion, DiffusionConfig
-from sample import FORMAT, UserError, generate, load_checkpoint, save_grid
+from sample import FORMAT, UserError, generate, load_checkpoint, pick_device, save_grid
 from unet import UNet, UNetConfig, count_parameters
 
 # Presets fill in every flag the user did not give. The cpu one is sized to finish in about
 # 30 minutes on 2 cores (README, "Measured"); the gpu one is a larger model trained for longer.
 PRESETS = {
     "cpu": dict(width=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0,
-                epochs=3, batch_size=64, lr=1e-3),
+                epochs=2, batch_size=64, lr=1e-3),
     "gpu": dict(width=64, channel_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1,
                 epochs=40, batch_size=128, lr=2e-4),
 }
@@ -37,6 +38,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -192,9 +194,10 @@ def save_checkpoint(state, checkpoint_dir):
     return path
 
 
-def make_checkpoint(model, diffusion, optimizer, cfg, state, device):
+def make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device):
     """Everything needed to rebuild the model (configs as plain types) and to resume exactly."""
     return {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
             "step": state["step"], "epoch": state["epoch"], "history": state["history"],
             "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(), "train": asdict(cfg)},
             "rng": rng_state(device)}
@@ -202,19 +205,37 @@ def make_checkpoint(model, diffusion, optimizer, cfg, state, device):
 
 # ---------------------------------------------------------------------------- training
 
+def ema_of(model, decay):
+    """An exponential moving average of model's weights, updated by ema.update_parameters(model).
+
+    The decay starts low, min(decay, (1 + n) / (10 + n)) after n updates, so the average
+    forgets the random initialisation quickly and then settles to `decay`.
+    """
+    @torch.no_grad()
+    def update(ema_params, params, n):
+        d = min(decay, (1 + n.item()) / (10 + n.item()))
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, 1 - d)
+
+    return AveragedModel(model, multi_avg_fn=update)
+
+
 def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
-    """Seeded model, diffusion, Adam and loop state; restored from the checkpoint `saved` if given."""
+    """Seeded model, its EMA, diffusion, Adam and loop state; restored from checkpoint `saved` if given."""
     torch.manual_seed(cfg.seed)
     model = UNet(model_cfg).to(device)
+    ema = ema_of(model, cfg.ema_decay)
     diffusion = Diffusion(diffusion_cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"step": 0, "epoch": 0, "history": []}
     if saved is not None:
         model.load_state_dict(saved["model"])
+        ema.module.load_state_dict(saved["ema"])
+        ema.n_averaged.fill_(saved["ema_updates"])
         optimizer.load_state_dict(saved["optimizer"])
         state.update(step=saved["step"], epoch=saved["epoch"], history=[tuple(h) for h in saved["history"]])
         set_rng_state(saved["rng"], device)
-    return model, diffusion, optimizer, state
+    return model, ema, diffusion, optimizer, state
 
 
 def lr_at(step, cfg):
@@ -222,8 +243,8 @@ def lr_at(step, cfg):
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
 
-def train(model, diffusion, optimizer, images, cfg, device, state, save):
-    """The loop: sample t and noise, take an Adam step on L_simple, log, call save() every so often.
+def train(model, ema, diffusion, optimizer, images, cfg, device, state, save):
+    """The loop: sample t and noise, take an Adam step on L_simple, update the EMA, log, save() now and then.
 
     state holds what must survive a restart (step, epoch, per-step loss history), updated in place.
     """
@@ -239,11 +260,12 @@ def train(model, diffusion, optimizer, images, cfg, device, state, save):
         pending.clear()
         return values
 
-    step, tick = state["step"], time.time()
+    step, tick, started = state["step"], time.time(), time.time()
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None)
     model.train()
     while step < total and time.time() < deadline:
         epoch, start = divmod(step, steps_per_epoch)
+        epoch_start = time.time()
         for idx in epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, device)[start:]:
             x0 = to_model_range(images[idx])
             t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device)
@@ -255,6 +277,7 @@ def train(model, diffusion, optimizer, images, cfg, device, state, save):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            ema.update_parameters(model)
             step += 1
             pending.append((step, epoch, loss.detach()))
             state.update(step=step, epoch=epoch)
@@ -271,24 +294,15 @@ def train(model, diffusion, optimizer, images, cfg, device, state, save):
                 break
         flush()
         losses = [v for _, e, v in state["history"] if e == epoch]
+        rate = (step - epoch * steps_per_epoch - start) * cfg.batch_size / (time.time() - epoch_start)
         tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {sum(losses) / max(1, len(losses)):.4f}, "
-                   f"step {step}/{total}, {bar.format_dict['rate'] or 0:.2f} steps/s")
+                   f"{rate:.0f} img/s, step {step}/{total}, {(time.time() - started) / 60:.1f} min")
     bar.close()
     if step < total:
         tqdm.write(f"stopped at step {step}/{total}: --max-minutes {cfg.max_minutes} reached")
 
 
 # ---------------------------------------------------------------------------- command line
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__)
@@ -306,17 +320,18 @@ def build_parser():
     a("--num-res-blocks", type=int, help="residual blocks per level (preset)")
     a("--attn-resolutions", type=int, nargs="*", help="feature-map sizes with self-attention (preset)")
     a("--dropout", type=float, help="dropout in residual blocks (preset)")
+    a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to sample (0.999)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
-    a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept")
-    a("--checkpoint-dir", default="checkpoints", help="where ckpt.pt and ckpt.prev.pt are written")
-    a("--output-dir", default="output", help="where the PNGs and loss.csv are written")
+    a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
+    a("--checkpoint-dir", default="checkpoints", help="where ckpt.pt and ckpt.prev.pt are written (checkpoints)")
+    a("--output-dir", default="output", help="where the PNGs and loss.csv are written (output)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (500)")
-    a("--log-every", type=int, help="steps between loss log points (50)")
+    a("--log-every", type=int, help="steps between progress-bar loss updates (50)")
     a("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
     a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit)")
-    a("--max-minutes", type=float, help="stop after this many minutes of training, checkpoint and sample")
-    a("--sample-n", type=int, default=64, help="images in the final output/samples.png (0: skip sampling)")
+    a("--max-minutes", type=float, help="stop after this many minutes of training, checkpoint and sample (0: no limit)")
+    a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
     return p
 
 
@@ -356,7 +371,7 @@ def run(args):
     for d in (out, ckpt_dir):
         d.mkdir(parents=True, exist_ok=True)
 
-    model, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device, saved)
+    model, ema, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device, saved)
     images, labels = load_fashion_mnist(args.data_dir)
     print(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, "
           f"{len(images)} images, {cfg.epochs} epochs of {len(images) // cfg.batch_size} steps (batch {cfg.batch_size})\n"
@@ -366,17 +381,18 @@ def run(args):
         save_forward_figure(images[firsts], Diffusion(diffusion_cfg), out / "forward_diffusion.png", cfg.seed)
     images = images.to(device)
 
-    save = lambda: save_checkpoint(make_checkpoint(model, diffusion, optimizer, cfg, state, device), ckpt_dir)
+    save = lambda: save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device), ckpt_dir)
     started = time.time()
-    train(model, diffusion, optimizer, images, cfg, device, state, save)
+    train(model, ema, diffusion, optimizer, images, cfg, device, state, save)
     path = save()
     save_loss_history(state["history"], out)
     print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint {path}; "
           f"loss curve {out / 'loss.png'}")
     if args.sample_n:
-        samples = generate(model.eval(), diffusion, args.sample_n, cfg.seed)
+        samples = generate(ema.module.eval(), diffusion, args.sample_n, cfg.seed)
         save_grid(samples, out / "samples.png")
-        print(f"wrote {out / 'samples.png'} ({args.sample_n} images, {diffusion.timesteps} DDPM steps)")
+        print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, "
+              f"{diffusion.timesteps} DDPM steps)")
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ def dirs(tmp_path, fake_mnist, monkeypatch):
     return {name: tmp_path / name for name in ("data", "ckpt", "out")}
 
 
+@pytest.mark.slow
 def test_train_then_sample_write_the_pictures(dirs):
     r = run("train.py", *TINY_FLAGS, "--max-steps", "6", "--log-every", "2", "--sample-n", "4",
             "--data-dir", dirs["data"], "--checkpoint-dir", dirs["ckpt"], "--output-dir", dirs["out"])
@@ -45,6 +46,7 @@ def test_train_then_sample_write_the_pictures(dirs):
     assert images.shape == (5, 28, 28) and images.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(dirs):
     common = [*TINY_FLAGS, "--sample-n", "0", "--data-dir", dirs["data"], "--checkpoint-dir", dirs["ckpt"],
               "--output-dir", dirs["out"]]
