@@ -1,7 +1,9 @@
 """Train a DDPM on Fashion-MNIST: `python train.py` (see --help), then look in output/."""
 import argparse
+import contextlib
 import csv
 import gzip
+import io
 import math
 import os
 import shutil
@@ -79,8 +81,10 @@ def prepare_fashion_mnist(data_dir):
                     shutil.copyfileobj(f, out)
                 os.replace(tmp, raw / name)
             return data_dir
+    print(f"Fashion-MNIST not found locally; downloading it with torchvision into {data_dir}/")
     try:
-        torchvision.datasets.FashionMNIST(data_dir, download=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its per-mirror chatter; a failure is reported below
+            torchvision.datasets.FashionMNIST(data_dir, download=True)
         return data_dir
     except Exception as e:  # no network, proxy, mirror down: all end the same way for the user
         raise UserError(
