@@ -10,16 +10,23 @@ import torch
 from torch import nn
 
 
+SCHEDULES = ("linear", "cosine")
+
+
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"  # "linear" or "cosine"
 
+    def __post_init__(self):
+        if self.timesteps < 2:
+            raise ValueError(f"timesteps must be at least 2, got {self.timesteps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
+
     def to_dict(self):
         return asdict(self)
 
-
-SCHEDULES = ("linear", "cosine")
 
 
 def linear_betas(timesteps, max_beta=0.999):

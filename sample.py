@@ -1,6 +1,9 @@
 """Draw images from a trained checkpoint: `python sample.py` (see --help), then look in output/."""
 import argparse
+import pickle
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,25 @@ CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first; see train.save_c
 
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one line and exits with status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is one line on stderr (status 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def check_writable(folder, flag):
+    """Create folder if needed and prove a file can be written there, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}/ ({e.strerror or e}); choose another folder with {flag}") from None
+    return folder
 
 
 def pick_device(name):
@@ -57,11 +79,20 @@ def load_checkpoint(path):
     path = resolve_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    except pickle.UnpicklingError as e:
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))  # how torch names a callable the file wants to import
+        if code:
+            raise UserError(f"refusing {path}: it asks to run {code[1]}, which weights_only loading never does; "
+                            f"load only checkpoints made by train.py") from None
+        raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): not a valid pickle") from None
+    except Exception as e:  # truncated, not a zip, not a torch file: all mean the file is unusable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): {reason[:150]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
+    missing = sorted({"model", "ema", "config", "step", "epoch"} - set(ckpt))
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return ckpt
 
 
@@ -136,7 +167,7 @@ def to_uint8(images):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from")
     a("--n", type=int, default=64, help="number of images to draw")
@@ -155,15 +186,18 @@ def build_parser():
 def run(args):
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of images, got {args.n}")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
     if args.steps is not None and not 1 <= args.steps <= diffusion.timesteps:
         raise UserError(f"--steps must be between 1 and {diffusion.timesteps}, got {args.steps}")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights), {args.sampler} sampler, {args.steps or diffusion.timesteps} steps, "
-          f"{args.n} images on {device}")
+    out = check_writable(args.output_dir, "--output-dir")
+    if args.save_npz:
+        check_writable(Path(args.save_npz).parent, "--save-npz")
+    print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights), {args.sampler} sampler, "
+          f"{args.steps or diffusion.timesteps} steps, {args.n} images on {device}")
 
     snapshots, keep = [], 8  # trajectory: the first `keep` images at ~10 points of the reverse process
     steps = args.steps or diffusion.timesteps

@@ -1,5 +1,4 @@
 """Train a DDPM on Fashion-MNIST: `python train.py` (see --help), then look in output/."""
-import argparse
 import contextlib
 import csv
 import gzip
@@ -7,6 +6,7 @@ import io
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -18,7 +18,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from diffusion import SCHEDULES, Diffusion, DiffusionConfig
-from sample import FORMAT, UserError, generate, load_checkpoint, pick_device, save_grid
+from sample import (FORMAT, ArgumentParser, UserError, check_writable, generate, load_checkpoint, pick_device,
+                    save_grid)
 from unet import UNet, UNetConfig, count_parameters
 
 # Presets fill in every flag the user did not give. The cpu one is sized to finish in about
@@ -247,10 +248,37 @@ def lr_at(step, cfg):
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
 
 
+class Diverged(Exception):
+    """The loss or the weights stopped being finite; nothing after that point was saved."""
+
+
+@contextlib.contextmanager
+def graceful_signals():
+    """While inside: the first SIGINT or SIGTERM is recorded for the loop to act on; a second aborts."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+        tqdm.write(f"\n{received[0]} received: finishing this step and saving a checkpoint (again to abort now)")
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread, where Python allows no handlers: leave them be
+        previous = {}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def train(model, ema, diffusion, optimizer, images, cfg, device, state, save):
     """The loop: sample t and noise, take an Adam step on L_simple, update the EMA, log, save() now and then.
 
     state holds what must survive a restart (step, epoch, per-step loss history), updated in place.
+    Always ends with a save(). Returns why it stopped before the planned end, or None.
     """
     steps_per_epoch = len(images) // cfg.batch_size
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -260,56 +288,67 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save):
 
     def flush():
         values = torch.stack([loss for *_, loss in pending]).tolist() if pending else []
+        for (s, _, _), v in zip(pending, values):
+            if not math.isfinite(v):
+                raise Diverged(f"the loss became {v} at step {s}")
         state["history"] += [(s, e, v) for (s, e, _), v in zip(pending, values)]
         pending.clear()
         return values
 
-    step, tick, started = state["step"], time.time(), time.time()
+    def checked_save():
+        flush()
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise Diverged(f"the weights stopped being finite by step {state['step']}")
+        save()
+
+    step, tick, started, stopped = state["step"], time.time(), time.time(), None
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None)
     model.train()
-    while step < total and time.time() < deadline:
-        epoch, start = divmod(step, steps_per_epoch)
-        epoch_start = time.time()
-        for idx in epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, device)[start:]:
-            x0 = to_model_range(images[idx])
-            t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device)
-            noise = torch.randn_like(x0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            with autocast:
-                loss = diffusion.loss(model, x0, t, noise).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ema.update_parameters(model)
-            step += 1
-            pending.append((step, epoch, loss.detach()))
-            state.update(step=step, epoch=epoch)
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                values = flush()
-                rate = len(values) * cfg.batch_size / (time.time() - tick)
-                bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
-                tick = time.time()
-            if step % cfg.checkpoint_every == 0 and step < total:
-                flush()
-                save()
-            if step >= total or time.time() >= deadline:
-                break
-        flush()
-        losses = [v for _, e, v in state["history"] if e == epoch]
-        rate = (step - epoch * steps_per_epoch - start) * cfg.batch_size / (time.time() - epoch_start)
-        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {sum(losses) / max(1, len(losses)):.4f}, "
-                   f"{rate:.0f} img/s, step {step}/{total}, {(time.time() - started) / 60:.1f} min")
-    bar.close()
-    if step < total:
-        tqdm.write(f"stopped at step {step}/{total}: --max-minutes {cfg.max_minutes} reached")
+    with graceful_signals() as signals:
+        tqdm.write(f"training from step {step} to {total}; Ctrl-C stops cleanly with a checkpoint")
+        while step < total and not stopped:
+            epoch, start = divmod(step, steps_per_epoch)
+            epoch_start = time.time()
+            for idx in epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, device)[start:]:
+                x0 = to_model_range(images[idx])
+                t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device)
+                noise = torch.randn_like(x0)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                with autocast:
+                    loss = diffusion.loss(model, x0, t, noise).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                ema.update_parameters(model)
+                step += 1
+                pending.append((step, epoch, loss.detach()))
+                state.update(step=step, epoch=epoch)
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    values = flush()
+                    rate = len(values) * cfg.batch_size / (time.time() - tick)
+                    bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
+                    tick = time.time()
+                if step % cfg.checkpoint_every == 0 and step < total:
+                    checked_save()
+                stopped = signals[0] if signals else ("--max-minutes" if time.time() >= deadline else None)
+                if step >= total or stopped:
+                    break
+            flush()
+            losses = [v for _, e, v in state["history"] if e == epoch]
+            rate = (step - epoch * steps_per_epoch - start) * cfg.batch_size / (time.time() - epoch_start)
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {sum(losses) / max(1, len(losses)):.4f}, "
+                       f"{rate:.0f} img/s, step {step}/{total}, {(time.time() - started) / 60:.1f} min")
+        bar.close()
+        checked_save()
+    return stopped
 
 
 # ---------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     a = p.add_argument
     a("--preset", default="auto", choices=["auto", "cpu", "gpu"],
       help="defaults for the model size and schedule; auto: gpu on CUDA, cpu otherwise")
@@ -364,6 +403,20 @@ def resolve_configs(args, device, saved=None):
     return pick(UNetConfig), pick(DiffusionConfig), pick(TrainConfig), note
 
 
+def validate(cfg, n_images=None):
+    """Refuse settings that cannot train, before anything is written."""
+    for name in ("epochs", "batch_size", "lr", "checkpoint_every", "log_every"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "max_steps", "max_minutes"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if n_images is not None and cfg.batch_size > n_images:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {n_images} training images")
+
+
 def run(args):
     device = pick_device(args.device)
     saved = load_checkpoint(args.resume) if args.resume else None
@@ -371,12 +424,13 @@ def run(args):
         model_cfg, diffusion_cfg, cfg, note = resolve_configs(args, device, saved and saved["config"])
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
-    out, ckpt_dir = Path(args.output_dir), Path(args.checkpoint_dir)
-    for d in (out, ckpt_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    validate(cfg)
+    out, ckpt_dir = (check_writable(d, flag) for d, flag in ((args.output_dir, "--output-dir"),
+                                                              (args.checkpoint_dir, "--checkpoint-dir")))
+    images, labels = load_fashion_mnist(args.data_dir)
+    validate(cfg, len(images))
 
     model, ema, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device, saved)
-    images, labels = load_fashion_mnist(args.data_dir)
     print(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, "
           f"{len(images)} images, {cfg.epochs} epochs of {len(images) // cfg.batch_size} steps (batch {cfg.batch_size})\n"
           f"model {model_cfg}\n{diffusion_cfg}\n{cfg}")
@@ -387,16 +441,19 @@ def run(args):
 
     save = lambda: save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device), ckpt_dir)
     started = time.time()
-    train(model, ema, diffusion, optimizer, images, cfg, device, state, save)
-    path = save()
+    stopped = train(model, ema, diffusion, optimizer, images, cfg, device, state, save)
     save_loss_history(state["history"], out)
+    path = ckpt_dir / "ckpt.pt"
     print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint {path}; "
           f"loss curve {out / 'loss.png'}")
-    if args.sample_n:
-        samples = generate(ema.module.eval(), diffusion, args.sample_n, cfg.seed)
-        save_grid(samples, out / "samples.png")
-        print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, "
-              f"{diffusion.timesteps} DDPM steps)")
+    if stopped:
+        print(f"stopped early by {stopped}; to continue: python train.py --resume {path}")
+    if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
+        return
+    samples = generate(ema.module.eval(), diffusion, args.sample_n, cfg.seed)
+    save_grid(samples, out / "samples.png")
+    print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, "
+          f"{diffusion.timesteps} DDPM steps)")
 
 
 def main(argv=None):
@@ -407,6 +464,13 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"error: training diverged: {e}. Nothing after that was saved: the newest checkpoint in "
+              f"{args.checkpoint_dir}/ is the last good one. Resume from it with a lower --lr.", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"\naborted; the newest complete checkpoint is in {args.checkpoint_dir}/", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 import gzip
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +10,10 @@ import torch
 
 from unet import UNetConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(width=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(14,), dropout=0.0)
+TINY_FLAGS = ["--width", "8", "--channel-mults", "1", "2", "--attn-resolutions", "14", "--timesteps", "20",
+              "--batch-size", "16"]
 
 
 def write_idx(path, array):
@@ -32,9 +38,35 @@ def fake_mnist(tmp_path):
     return folder, arrays
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     return UNetConfig(**TINY)
+
+
+class CLI:
+    """Runs train.py (tiny model, fake data) and sample.py as a user would, in this test's folders."""
+
+    def __init__(self, tmp_path):
+        self.data, self.ckpt, self.out = (tmp_path / name for name in ("data", "ckpt", "out"))
+
+    def command(self, script, *args):
+        where = (["--data-dir", self.data, "--checkpoint-dir", self.ckpt, *TINY_FLAGS] if script == "train.py"
+                 else ["--checkpoint", self.ckpt])
+        return [sys.executable, str(ROOT / script), *map(str, [*where, "--output-dir", self.out, *args])]
+
+    def run(self, script, *args):
+        """Run to the end; later flags override the defaults above."""
+        return subprocess.run(self.command(script, *args), capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+    def start(self, script, *args):
+        return subprocess.Popen(self.command(script, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+
+
+@pytest.fixture
+def cli(tmp_path, fake_mnist, monkeypatch):
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(fake_mnist[0]))
+    return CLI(tmp_path)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,275 @@
+"""Never lose a run, never trust a bad file: signals, kill -9, divergence and bad input."""
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+import sample
+import train
+from diffusion import DiffusionConfig
+from sample import build_model, load_checkpoint
+
+CPU = torch.device("cpu")
+GARBAGE = random.Random(0).randbytes(4096)  # fixed, so every run tries the same bytes
+
+
+def wait_for(proc, text):
+    """Read proc's stdout until a line containing text: by then the process has reached that point."""
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the process ended without printing {text!r}: {proc.stderr.read()}")
+
+
+def tiny_run(folder, tiny_config, cfg, images=None, loss_hook=None):
+    """An in-process training run of the tiny model that checkpoints into folder; returns its state."""
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8) if images is None else images
+    model, ema, d, opt, state = train.setup(tiny_config, DiffusionConfig(20), cfg, CPU)
+    if loss_hook:
+        d.loss = loss_hook(d.loss)
+    save = lambda: train.save_checkpoint(train.make_checkpoint(model, ema, d, opt, cfg, state, CPU), folder)
+    train.train(model, ema, d, opt, images, cfg, CPU, state, save)
+    return state
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory, tiny_config):
+    folder = tmp_path_factory.mktemp("good")
+    tiny_run(folder, tiny_config, train.TrainConfig(epochs=1, batch_size=8))
+    return folder / "ckpt.pt"
+
+
+# ---------------------------------------------------------------------------- interruptions
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_training_with_a_checkpoint_and_status_0(cli, sig):
+    p = cli.start("train.py", "--epochs", "1000", "--checkpoint-every", "100000")
+    wait_for(p, "training from step")
+    time.sleep(1)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert f"{sig.name} received" in out and "python train.py --resume" in out
+    ckpt = load_checkpoint(cli.ckpt)
+    assert 0 < ckpt["step"] < 1000 * 16
+    build_model(ckpt)
+    assert not (cli.out / "samples.png").exists()  # stopping by hand skips the final sampling
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once(cli):
+    # A wide model and a big batch make one step take seconds, so both signals land inside it.
+    p = cli.start("train.py", "--width", "64", "--batch-size", "256", "--epochs", "100")
+    wait_for(p, "training from step")
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 130, (out, err)
+    assert "aborted" in err and "Traceback" not in err
+    assert not (cli.ckpt / "ckpt.pt").exists()  # aborted inside the first step: nothing half-written either
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(cli, tmp_path):
+    n, flags = 150, ["--epochs", "1000", "--sample-n", "0", "--checkpoint-every", "100000"]
+    straight = cli.run("train.py", "--max-steps", n, *flags, "--checkpoint-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+
+    p = cli.start("train.py", "--max-steps", n, *flags)
+    wait_for(p, "training from step")
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=600)
+    k = load_checkpoint(cli.ckpt)["step"]
+    assert 0 < k < n, "the signal must land mid-run for this test to mean anything"
+    resumed = cli.run("train.py", "--max-steps", n, *flags, "--resume", cli.ckpt)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(cli.ckpt)
+    assert a["step"] == b["step"] == n and a["history"] == b["history"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for i, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][name]), (i, name)
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_leaves_a_complete_checkpoint(cli):
+    flags = ["--epochs", "1000", "--checkpoint-every", "1", "--sample-n", "0"]
+    assert cli.run("train.py", *flags, "--max-steps", "2").returncode == 0
+    last, kills, mid_write = 2, 0, 0
+    # One kill during start-up, the rest at growing delays into training; every step writes a
+    # checkpoint, so most kills land while one is being written or renamed.
+    for delay in (None, 0.0, 0.1, 0.25, 0.5, 0.8, 1.2, 1.7, 2.5):
+        p = cli.start("train.py", *flags, "--max-steps", "0", "--resume", cli.ckpt)
+        if delay is None:
+            time.sleep(1)
+        else:
+            wait_for(p, "training from step")
+            time.sleep(delay)
+        p.kill()
+        p.communicate()
+        kills += 1
+        mid_write += (cli.ckpt / "ckpt.pt.tmp").exists() or not (cli.ckpt / "ckpt.pt").exists()
+        ckpt = load_checkpoint(cli.ckpt)
+        build_model(ckpt)
+        assert ckpt["step"] >= last
+        last = ckpt["step"]
+    assert last > 2, "training made progress across the restarts"
+    print(f"{kills} kills -9, each left a loadable checkpoint; {mid_write} landed mid-save; last step {last}")
+
+
+def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, good_checkpoint, monkeypatch):
+    ckpt = load_checkpoint(good_checkpoint)
+    train.save_checkpoint(ckpt, tmp_path)
+
+    def dies(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(OSError):
+        train.save_checkpoint({**ckpt, "step": 999}, tmp_path)
+    assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
+    calls = []
+
+    def poison_from_step_6(loss):
+        def hooked(*args):
+            calls.append(1)
+            value = loss(*args)
+            return value * float("nan") if len(calls) >= 6 else value
+        return hooked
+
+    cfg = train.TrainConfig(epochs=1, batch_size=2, checkpoint_every=2, log_every=1)
+    with pytest.raises(train.Diverged, match="nan at step 6"):
+        tiny_run(tmp_path, tiny_config, cfg, loss_hook=poison_from_step_6)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in [*ckpt["model"].values(), *ckpt["ema"].values()])
+
+
+@pytest.mark.slow
+def test_divergence_is_one_line_status_1_and_the_checkpoint_is_untouched(cli):
+    assert cli.run("train.py", "--max-steps", "3", "--sample-n", "0").returncode == 0
+    before = (cli.ckpt / "ckpt.pt").read_bytes()
+    r = cli.run("train.py", "--max-steps", "50", "--resume", cli.ckpt, "--lr", "1e30", "--warmup-steps", "0",
+                "--log-every", "1")
+    assert r.returncode == 1
+    assert "diverged" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (cli.ckpt / "ckpt.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def main_fails(module, argv, capsys):
+    """Run module.main(argv); it must exit 2 with one line on stderr. Returns that line."""
+    with pytest.raises(SystemExit) as e:
+        module.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+class Evil:
+    """Unpickling this runs os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def bad_files(folder, good):
+    """(name, path, expected message) for every kind of unusable checkpoint."""
+    ckpt = torch.load(good, weights_only=True)
+    raw = good.read_bytes()
+    files = {"truncated": raw[: len(raw) // 2], "garbage": GARBAGE, "empty": b""}
+    for name, data in files.items():
+        (folder / f"{name}.pt").write_bytes(data)
+    torch.save({"state_dict": ckpt["model"]}, folder / "foreign.pt")
+    torch.save(torch.zeros(3), folder / "tensor.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "ema"}, folder / "incomplete.pt")
+    wider = {**ckpt, "config": {**ckpt["config"], "model": {**ckpt["config"]["model"], "width": 16}}}
+    torch.save(wider, folder / "mismatch.pt")
+    torch.save({**ckpt, "model": Evil(folder / "pwned")}, folder / "evil.pt")
+    (folder / "empty_dir").mkdir()
+    (folder / "empty_dir" / "notes.txt").write_text("not a checkpoint")
+    return [("truncated", "damaged"), ("garbage", "damaged"), ("empty", "damaged"),
+            ("foreign", "not a checkpoint of this project"), ("tensor", "not a checkpoint of this project"),
+            ("incomplete", "lacks ema"), ("mismatch", "does not match its weights"),
+            ("evil", "refusing"), ("missing", "does not exist"), ("empty_dir", "notes.txt")]
+
+
+def test_the_evil_file_would_really_run_code(tmp_path, good_checkpoint):
+    bad_files(tmp_path, good_checkpoint)
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the unsafe way, here on purpose
+    assert (tmp_path / "pwned").exists()
+
+
+def test_sample_refuses_every_bad_checkpoint_and_overwrites_nothing(tmp_path, good_checkpoint, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples.png").write_bytes(b"earlier results")
+    cases = bad_files(tmp_path, good_checkpoint)
+    for name, message in cases:
+        path = tmp_path / (name if name == "empty_dir" else f"{name}.pt")
+        err = main_fails(sample, ["--checkpoint", path, "--output-dir", out, "--n", 2], capsys)
+        assert message in err, (name, err)
+    assert not (tmp_path / "pwned").exists(), "the pickle payload ran"
+    assert (out / "samples.png").read_bytes() == b"earlier results"
+    assert len(cases) == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "euler"], "invalid choice"),
+    (["--steps", "0"], "--steps must be between 1 and 20"),
+    (["--steps", "21"], "--steps must be between 1 and 20"),
+    (["--n", "0"], "--n must be a positive"),
+    (["--n", "-3"], "--n must be a positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--device", "tpu9"], "not a torch device"),
+])
+def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, capsys):
+    err = main_fails(sample, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path, *args], capsys)
+    assert message in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--batch-size", "100000"], "larger than the 256 training images"),
+    (["--timesteps", "1"], "timesteps must be at least 2"),
+    (["--width", "12"], "multiple of 8"),
+    (["--schedule", "quadratic"], "invalid choice"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
+    (["--output-dir", "{file}/out"], "cannot write to"),
+    (["--checkpoint-dir", "{file}/ckpt"], "cannot write to"),
+    (["--resume", "{good}", "--width", "16"], "--width 16 (checkpoint: 8)"),
+    (["--resume", "{good}", "--timesteps", "50"], "--timesteps 50 (checkpoint: 20)"),
+    (["--resume", "{garbage}"], "damaged"),
+])
+def test_train_bad_arguments(args, message, cli, good_checkpoint, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "garbage.pt").write_bytes(GARBAGE[:100])
+    args = [a.format(file=tmp_path / "a_file", good=good_checkpoint, garbage=tmp_path / "garbage.pt") for a in args]
+    cli.ckpt.mkdir()
+    (cli.ckpt / "ckpt.pt").write_bytes(b"an earlier run")
+    err = main_fails(train, cli.command("train.py", *args)[2:], capsys)
+    assert message in err
+    assert (cli.ckpt / "ckpt.pt").read_bytes() == b"an earlier run"
+    assert not cli.out.exists() or not list(cli.out.iterdir())
