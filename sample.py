@@ -140,22 +140,20 @@ def save_grid(images, path, nrow=8, scale=3):
     save_image(F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
 
 
-def save_trajectory(snapshots, path):
-    """snapshots: [(t, x0_or_xt [k, 1, H, W])] -> rows = samples, columns = reverse-process steps."""
+def save_columns(columns, path, title):
+    """columns: [(label, images [k, 1, H, W] in [-1, 1])] -> one labelled column per entry, k rows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = len(snapshots[0][1])
-    fig, axes = plt.subplots(k, len(snapshots), figsize=(1.1 * len(snapshots), 1.1 * k + 0.3), squeeze=False)
-    for j, (t, x) in enumerate(snapshots):
+    k = len(columns[0][1])
+    fig, axes = plt.subplots(k, len(columns), figsize=(1.1 * len(columns), 1.1 * k + 0.3), squeeze=False)
+    for j, (label, x) in enumerate(columns):
+        axes[0, j].set_title(label, fontsize=9)
         for i in range(k):
-            ax = axes[i, j]
-            ax.imshow(x[i, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"t = {t}", fontsize=9)
-    fig.suptitle("Reverse process, from noise (left) to a sample (right): x after the step at t", fontsize=10)
+            axes[i, j].imshow(x[i, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -205,13 +203,14 @@ def run(args):
 
     def record(i, t, x, x0):
         if args.trajectory and len(snapshots) < len(marks) and i in marks:
-            snapshots.append((t, x[:keep].cpu()))
+            snapshots.append((f"t = {t}", x[:keep].cpu()))
 
     images = generate(model, diffusion, args.n, args.seed, args.sampler, args.steps, args.batch_size, record)
     save_grid(images, out / "samples.png")
     print(f"wrote {out / 'samples.png'}")
     if args.trajectory:
-        save_trajectory(snapshots, out / "denoising.png")
+        save_columns(snapshots, out / "denoising.png",
+                     "Reverse process, from noise (left) to a sample (right): x after the step at t")
         print(f"wrote {out / 'denoising.png'}")
     if args.save_npz:
         np.savez_compressed(args.save_npz, images=to_uint8(images))

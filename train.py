@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from diffusion import SCHEDULES, Diffusion, DiffusionConfig
 from sample import (FORMAT, ArgumentParser, UserError, check_writable, generate, load_checkpoint, pick_device,
-                    save_grid)
+                    save_columns, save_grid)
 from unet import UNet, UNetConfig, count_parameters
 
 # Presets fill in every flag the user did not give. The cpu one is sized to finish in about
@@ -37,7 +37,7 @@ FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)  # of T; t = 0, 50, 10
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -118,26 +118,11 @@ def epoch_batches(n, batch_size, seed, epoch, device):
 
 def save_forward_figure(images, diffusion, path, seed=0):
     """A few real images (rows) noised to increasing t (columns); diffusion must be on the CPU."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     times = sorted({min(round(f * diffusion.timesteps), diffusion.timesteps - 1) for f in FORWARD_FRACTIONS})
     x0 = to_model_range(images.cpu())
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    fig, axes = plt.subplots(len(x0), len(times), figsize=(1.1 * len(times), 1.1 * len(x0) + 0.3), squeeze=False)
-    for j, t in enumerate(times):
-        xt = diffusion.q_sample(x0, torch.full((len(x0),), t), noise).clamp(-1, 1)
-        for i in range(len(x0)):
-            ax = axes[i, j]
-            ax.imshow(xt[i, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"t = {t}", fontsize=9)
-    fig.suptitle(f"q(x_t | x_0), {diffusion.config.schedule} schedule", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    columns = [(f"t = {t}", diffusion.q_sample(x0, torch.full((len(x0),), t), noise)) for t in times]
+    save_columns(columns, path, f"q(x_t | x_0), {diffusion.config.schedule} schedule")
 
 
 def save_loss_history(history, output_dir, smooth=100):
