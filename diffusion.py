@@ -11,22 +11,28 @@ from torch import nn
 
 
 SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
 
 
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000
-    schedule: str = "linear"  # "linear" or "cosine"
+    schedule: str = "linear"  # one of SCHEDULES
+    prediction: str = "eps"  # what the network outputs: the noise eps, or v (Salimans & Ho 2022)
+    min_snr_gamma: float = 0.0  # > 0: weight the loss by min(SNR, gamma) (Hang et al. 2023); 0: off
 
     def __post_init__(self):
         if self.timesteps < 2:
             raise ValueError(f"timesteps must be at least 2, got {self.timesteps}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma cannot be negative, got {self.min_snr_gamma}")
 
     def to_dict(self):
         return asdict(self)
-
 
 
 def linear_betas(timesteps, max_beta=0.999):
@@ -93,20 +99,52 @@ class Diffusion(nn.Module):
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): eq. 4 of Ho et al. 2020. [B,C,H,W]."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return (_gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+        a, s = self._coefs(t, x0.ndim)
+        return a * x0 + s * noise
+
+    def _coefs(self, t, ndim):
+        """sqrt(abar_t) and sqrt(1 - abar_t), shaped to broadcast over images: 2 x [B, 1, 1, 1]."""
+        return _gather(self.sqrt_alphas_cumprod, t, ndim), _gather(self.sqrt_one_minus_alphas_cumprod, t, ndim)
+
+    def v_target(self, x0, t, noise):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0: sec. 4 of Salimans & Ho 2022. [B, C, H, W]."""
+        a, s = self._coefs(t, x0.ndim)
+        return a * noise - s * x0
+
+    def to_eps_x0(self, out, x, t):
+        """The network's output at x_t turned into (eps, x_0), for either prediction type."""
+        a, s = self._coefs(t, x.ndim)
+        if self.config.prediction == "v":  # x_0 = a x_t - s v and eps = s x_t + a v, as a^2 + s^2 = 1
+            return s * x + a * out, a * x - s * out
+        return out, (x - s * out) / a
+
+    def loss_weight(self, t):
+        """Per-example loss weight of min-SNR-gamma (Hang et al. 2023, eq. 9-10), SNR = abar / (1 - abar): [B].
+
+        Relative to the eps (or v) loss: min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v.
+        """
+        abar = self.alphas_cumprod[t]
+        snr = abar / (1 - abar)
+        clipped = snr.clamp(max=self.config.min_snr_gamma) if self.config.min_snr_gamma else snr
+        return clipped / (snr + 1 if self.config.prediction == "v" else snr)
 
     def loss(self, model, x0, t, noise):
-        """L_simple = ||eps - eps_theta(x_t, t)||^2 (Algorithm 1 of Ho et al. 2020), mean per example: [B]."""
-        pred = model(self.q_sample(x0, t, noise), t)
-        return (pred.float() - noise).pow(2).flatten(1).mean(1)
+        """L_simple (Algorithm 1 of Ho et al. 2020): mean squared error to eps, or to v; per example: [B]."""
+        target = noise if self.config.prediction == "eps" else self.v_target(x0, t, noise)
+        mse = (model(self.q_sample(x0, t, noise), t).float() - target).pow(2).flatten(1).mean(1)
+        return mse * self.loss_weight(t) if self.config.min_snr_gamma else mse
 
-    def predict_x0(self, model, x, t):
-        """The model's estimate of x_0 from x_t, clipped to the data range [-1, 1]: eq. 15 of Ho et al. 2020."""
-        eps = model(x, t).float()
-        x0 = (x - _gather(self.sqrt_one_minus_alphas_cumprod, t, x.ndim) * eps) / _gather(
-            self.sqrt_alphas_cumprod, t, x.ndim)
-        return x0.clamp(-1, 1)
+    def predict(self, model, x, t):
+        """(eps, x_0) at x_t, with x_0 clipped to the data range [-1, 1] and eps made consistent with it.
+
+        Clipping x_0 follows Ho et al.'s code; recomputing eps from the clipped x_0 is eq. 9 of
+        Song et al. 2021 solved for eps. t: one timestep (int) for the whole batch.
+        """
+        tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        _, x0 = self.to_eps_x0(model(x, tb).float(), x, tb)
+        x0 = x0.clamp(-1, 1)
+        a, s = self._coefs(tb, x.ndim)
+        return (x - a * x0) / s, x0
 
 
 def spaced_timesteps(timesteps, steps):
@@ -116,33 +154,92 @@ def spaced_timesteps(timesteps, steps):
     return torch.linspace(timesteps - 1, 0, steps).round().long().unique_consecutive()
 
 
+def logsnr_timesteps(alphas_cumprod, steps):
+    """Timesteps nearest to `steps` values evenly spaced in log-SNR, from T-1 down to 0 (Lu et al. 2022,
+    sec. 3.3: uniform in lambda suits few-step solvers on low-resolution images). Repeats are dropped."""
+    if not 1 <= steps <= len(alphas_cumprod):
+        raise ValueError(f"steps must be between 1 and {len(alphas_cumprod)}, got {steps}")
+    abar = alphas_cumprod.double()
+    log_snr = torch.log(abar / (1 - abar))
+    targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
+    return (log_snr[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()
+
+
+def _schedule(diffusion, steps, spacing="time"):
+    """(i, t, s, abar_t, abar_s) for each step from t to the next timestep s; the last has s = -1, abar_s = 1."""
+    abar = diffusion.alphas_cumprod
+    steps = steps or diffusion.timesteps
+    ts = (spaced_timesteps(diffusion.timesteps, steps) if spacing == "time" else logsnr_timesteps(abar, steps)).tolist()
+    for i, t in enumerate(ts):
+        s = ts[i + 1] if i + 1 < len(ts) else -1
+        yield i, t, s, abar[t], (abar[s] if s >= 0 else abar.new_ones(()))
+
+
+# Every sampler: (model, diffusion, noise x_T [B, C, H, W], steps, generator, callback) -> x_0 in [-1, 1].
+# steps: how many network evaluations (None: all T); callback(i, t, x, x0) is called after each step.
+
 @torch.no_grad()
 def sample_ddpm(model, diffusion, noise, steps=None, generator=None, callback=None):
-    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on `steps` respaced timesteps (all T by default).
+    """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on `steps` respaced timesteps.
 
     Each step draws x_s from the posterior q(x_s | x_t, x_0) (eq. 6-7) with x_0 predicted by the model;
     skipping from t to s uses alpha = abar_t / abar_s (Nichol & Dhariwal 2021, sec. 4).
-    noise: x_T, [B, C, H, W]. callback(i, t, x, x0) sees each step. Returns x_0 in [-1, 1].
     """
-    ts = spaced_timesteps(diffusion.timesteps, steps or diffusion.timesteps).tolist()
     x = noise
-    abar = diffusion.alphas_cumprod
-    one = abar.new_ones(())
-    for i, t in enumerate(ts):
-        s = ts[i + 1] if i + 1 < len(ts) else -1
-        abar_t, abar_s = abar[t], (abar[s] if s >= 0 else one)
+    for i, t, s, abar_t, abar_s in _schedule(diffusion, steps):
+        _, x0 = diffusion.predict(model, x, t)
         beta = 1 - abar_t / abar_s
-        x0 = diffusion.predict_x0(model, x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        mean = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x) / (1 - abar_t)
+        x = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x) / (1 - abar_t)
         if s >= 0:
-            var = beta * (1 - abar_s) / (1 - abar_t)
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + var.sqrt() * z
-        else:
-            x = mean
+            x = x + (beta * (1 - abar_s) / (1 - abar_t)).sqrt() * z
         if callback is not None:
             callback(i, t, x, x0)
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm}
+@torch.no_grad()
+def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=None, eta=0.0):
+    """DDIM, eq. 12 of Song et al. 2021: x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps + sigma z.
+
+    sigma = eta * sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)) (eq. 16): eta = 0 is the
+    deterministic sampler, eta = 1 the ancestral one.
+    """
+    x = noise
+    for i, t, s, abar_t, abar_s in _schedule(diffusion, steps):
+        eps, x0 = diffusion.predict(model, x, t)
+        sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+        x = abar_s.sqrt() * x0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
+        if s >= 0 and eta > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callback=None):
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022: a second-order multistep solver of the
+    probability-flow ODE in lambda = log(alpha / sigma), one network evaluation per step, on
+    timesteps evenly spaced in lambda.
+    """
+    lam = lambda abar: 0.5 * torch.log(abar / (1 - abar))  # log(alpha / sigma), the half log-SNR
+    x, previous = noise, None  # previous: (x_0 estimate, step size h) of the step before
+    for i, t, s, abar_t, abar_s in _schedule(diffusion, steps, spacing="logsnr"):
+        _, x0 = diffusion.predict(model, x, t)
+        if s < 0:  # the last step lands on clean data (sigma = 0): its solution is x_0 itself
+            x = x0
+        else:
+            h = lam(abar_s) - lam(abar_t)
+            d = x0
+            if previous is not None:
+                r = previous[1] / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous[0]
+            x = ((1 - abar_s) / (1 - abar_t)).sqrt() * x - abar_s.sqrt() * torch.expm1(-h) * d
+            previous = (x0, h)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp_2m}

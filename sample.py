@@ -110,7 +110,7 @@ def build_model(ckpt, device="cpu", ema=True):
 
 
 def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size=256, callback=None,
-             progress=True):
+             progress=True, **sampler_options):
     """n images [n, C, H, W] in [-1, 1] on the CPU, drawn in batches; the same seed gives the same images."""
     device = next(model.parameters()).device
     c = model.config
@@ -127,7 +127,8 @@ def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             noise = torch.randn((b, c.in_channels, c.image_size, c.image_size), generator=g, device=device)
-            x = SAMPLERS[sampler](model, diffusion, noise, steps, generator=g, callback=step_callback)
+            x = SAMPLERS[sampler](model, diffusion, noise, steps, generator=g, callback=step_callback,
+                                  **sampler_options)
             out.append(x.cpu())
     return torch.cat(out)
 
@@ -171,7 +172,8 @@ def build_parser():
     a("--n", type=int, default=64, help="number of images to draw")
     a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step")
     a("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="reverse-process sampler")
-    a("--steps", type=int, help="sampler steps (default: all T timesteps)")
+    a("--steps", type=int, help="network evaluations: timesteps visited, respaced (default: all T)")
+    a("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")
     a("--batch-size", type=int, default=256, help="images generated at once")
     a("--output-dir", default="output", help="where samples.png (and denoising.png) are written")
     a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
@@ -205,7 +207,8 @@ def run(args):
         if args.trajectory and len(snapshots) < len(marks) and i in marks:
             snapshots.append((f"t = {t}", x[:keep].cpu()))
 
-    images = generate(model, diffusion, args.n, args.seed, args.sampler, args.steps, args.batch_size, record)
+    options = {"eta": args.eta} if args.sampler == "ddim" else {}
+    images = generate(model, diffusion, args.n, args.seed, args.sampler, args.steps, args.batch_size, record, **options)
     save_grid(images, out / "samples.png")
     print(f"wrote {out / 'samples.png'}")
     if args.trajectory:

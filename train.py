@@ -17,7 +17,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from diffusion import SCHEDULES, Diffusion, DiffusionConfig
+from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
 from sample import (FORMAT, ArgumentParser, UserError, check_writable, generate, load_checkpoint, pick_device,
                     save_columns, save_grid)
 from unet import UNet, UNetConfig, count_parameters
@@ -41,6 +41,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 500
@@ -165,23 +166,25 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(state, checkpoint_dir):
-    """Write checkpoint_dir/ckpt.pt atomically, moving the one it replaces to ckpt.prev.pt.
-
-    A crash at any moment leaves at least one complete file: the new one is written beside
-    the old under a temporary name, synced, and only then renamed over it.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    path, prev, tmp = (checkpoint_dir / n for n in ("ckpt.pt", "ckpt.prev.pt", "ckpt.pt.tmp"))
+def atomic_save(obj, path, previous=None):
+    """torch.save obj to path through a synced temporary file renamed over it, so that a crash at any
+    moment leaves a complete file; the file it replaces is moved to `previous` if given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, prev)
+    if previous is not None and path.exists():
+        os.replace(path, previous)
     os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(state, checkpoint_dir):
+    """Write checkpoint_dir/ckpt.pt atomically, keeping the one it replaces as ckpt.prev.pt."""
+    return atomic_save(state, Path(checkpoint_dir) / "ckpt.pt", previous=Path(checkpoint_dir) / "ckpt.prev.pt")
 
 
 def make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device):
@@ -343,11 +346,14 @@ def build_parser():
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
     a("--timesteps", type=int, help="diffusion steps T (1000)")
     a("--schedule", choices=SCHEDULES, help="beta schedule (linear)")
+    a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v (Salimans & Ho 2022) (eps)")
+    a("--min-snr-gamma", type=float, help="weight the loss by min(SNR, gamma) (Hang et al. 2023); 0: off (0)")
     a("--width", type=int, help="U-Net channels at full resolution (preset)")
     a("--channel-mults", type=int, nargs="+", help="channel multiplier per resolution level (preset)")
     a("--num-res-blocks", type=int, help="residual blocks per level (preset)")
     a("--attn-resolutions", type=int, nargs="*", help="feature-map sizes with self-attention (preset)")
     a("--dropout", type=float, help="dropout in residual blocks (preset)")
+    a("--grad-clip", type=float, help="clip the gradient's global norm to this; 0: off (1.0)")
     a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to sample (0.999)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
@@ -393,7 +399,7 @@ def validate(cfg, n_images=None):
     for name in ("epochs", "batch_size", "lr", "checkpoint_every", "log_every"):
         if not getattr(cfg, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "max_steps", "max_minutes"):
+    for name in ("warmup_steps", "max_steps", "max_minutes", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:

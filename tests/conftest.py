@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import train
+from diffusion import DiffusionConfig
+from sample import load_checkpoint
 from unet import UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,3 +75,42 @@ def cli(tmp_path, fake_mnist, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _tiny_run(folder, model_cfg, cfg, images=None, resume=None, loss_hook=None):
+    """What train.run does, minus data and figures, in-process on the CPU: set up (or resume from
+    a checkpoint), train, checkpoint into folder. Returns (model, ema, state)."""
+    cpu = torch.device("cpu")
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8) if images is None else images
+    model, ema, d, opt, state = train.setup(model_cfg, DiffusionConfig(20), cfg, cpu, resume and load_checkpoint(resume))
+    if loss_hook:
+        d.loss = loss_hook(d.loss)
+    save = lambda: train.save_checkpoint(train.make_checkpoint(model, ema, d, opt, cfg, state, cpu), folder)
+    train.train(model, ema, d, opt, images, cfg, cpu, state, save)
+    return model, ema, state
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    return _tiny_run
+
+
+@pytest.fixture(scope="session")
+def good_checkpoint(tmp_path_factory, tiny_config):
+    """A real checkpoint of the tiny model (T = 20), made once per test session."""
+    folder = tmp_path_factory.mktemp("good")
+    _tiny_run(folder, tiny_config, train.TrainConfig(epochs=1, batch_size=8))
+    return folder / "ckpt.pt"
+
+
+@pytest.fixture
+def fails(capsys):
+    """fails(module, argv): module.main(argv) must exit 2 with one line on stderr, which is returned."""
+    def run(module, argv):
+        with pytest.raises(SystemExit) as e:
+            module.main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+    return run

@@ -24,24 +24,6 @@ def wait_for(proc, text):
     raise AssertionError(f"the process ended without printing {text!r}: {proc.stderr.read()}")
 
 
-def tiny_run(folder, tiny_config, cfg, images=None, loss_hook=None):
-    """An in-process training run of the tiny model that checkpoints into folder; returns its state."""
-    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8) if images is None else images
-    model, ema, d, opt, state = train.setup(tiny_config, DiffusionConfig(20), cfg, CPU)
-    if loss_hook:
-        d.loss = loss_hook(d.loss)
-    save = lambda: train.save_checkpoint(train.make_checkpoint(model, ema, d, opt, cfg, state, CPU), folder)
-    train.train(model, ema, d, opt, images, cfg, CPU, state, save)
-    return state
-
-
-@pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory, tiny_config):
-    folder = tmp_path_factory.mktemp("good")
-    tiny_run(folder, tiny_config, train.TrainConfig(epochs=1, batch_size=8))
-    return folder / "ckpt.pt"
-
-
 # ---------------------------------------------------------------------------- interruptions
 
 @pytest.mark.slow
@@ -141,7 +123,7 @@ def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, good_checkp
     assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, tiny_run):
     calls = []
 
     def poison_from_step_6(loss):
@@ -171,16 +153,6 @@ def test_divergence_is_one_line_status_1_and_the_checkpoint_is_untouched(cli):
 
 
 # ---------------------------------------------------------------------------- bad input
-
-def main_fails(module, argv, capsys):
-    """Run module.main(argv); it must exit 2 with one line on stderr. Returns that line."""
-    with pytest.raises(SystemExit) as e:
-        module.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
 
 class Evil:
     """Unpickling this runs os.system: what a malicious checkpoint would do."""
@@ -219,14 +191,14 @@ def test_the_evil_file_would_really_run_code(tmp_path, good_checkpoint):
     assert (tmp_path / "pwned").exists()
 
 
-def test_sample_refuses_every_bad_checkpoint_and_overwrites_nothing(tmp_path, good_checkpoint, capsys):
+def test_sample_refuses_every_bad_checkpoint_and_overwrites_nothing(tmp_path, good_checkpoint, fails):
     out = tmp_path / "out"
     out.mkdir()
     (out / "samples.png").write_bytes(b"earlier results")
     cases = bad_files(tmp_path, good_checkpoint)
     for name, message in cases:
         path = tmp_path / (name if name == "empty_dir" else f"{name}.pt")
-        err = main_fails(sample, ["--checkpoint", path, "--output-dir", out, "--n", 2], capsys)
+        err = fails(sample, ["--checkpoint", path, "--output-dir", out, "--n", 2])
         assert message in err, (name, err)
     assert not (tmp_path / "pwned").exists(), "the pickle payload ran"
     assert (out / "samples.png").read_bytes() == b"earlier results"
@@ -242,8 +214,8 @@ def test_sample_refuses_every_bad_checkpoint_and_overwrites_nothing(tmp_path, go
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--device", "tpu9"], "not a torch device"),
 ])
-def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, capsys):
-    err = main_fails(sample, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path, *args], capsys)
+def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
+    err = fails(sample, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path, *args])
     assert message in err
     assert not list(tmp_path.iterdir())
 
@@ -263,13 +235,13 @@ def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, capsys):
     (["--resume", "{good}", "--timesteps", "50"], "--timesteps 50 (checkpoint: 20)"),
     (["--resume", "{garbage}"], "damaged"),
 ])
-def test_train_bad_arguments(args, message, cli, good_checkpoint, tmp_path, capsys):
+def test_train_bad_arguments(args, message, cli, good_checkpoint, tmp_path, fails):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "garbage.pt").write_bytes(GARBAGE[:100])
     args = [a.format(file=tmp_path / "a_file", good=good_checkpoint, garbage=tmp_path / "garbage.pt") for a in args]
     cli.ckpt.mkdir()
     (cli.ckpt / "ckpt.pt").write_bytes(b"an earlier run")
-    err = main_fails(train, cli.command("train.py", *args)[2:], capsys)
+    err = fails(train, cli.command("train.py", *args)[2:])
     assert message in err
     assert (cli.ckpt / "ckpt.pt").read_bytes() == b"an earlier run"
     assert not cli.out.exists() or not list(cli.out.iterdir())

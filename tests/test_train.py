@@ -107,23 +107,14 @@ def test_ema_follows_its_formula(tiny_config):
 
 # ---------------------------------------------------------------------------- checkpoints and resume
 
-def run_training(tmp_path, images, cfg, model_cfg, resume=None):
-    """What train.run does, minus data and figures: set up, train, save."""
-    cpu = torch.device("cpu")
-    model, ema, d, opt, state = train.setup(model_cfg, DiffusionConfig(50), cfg, cpu, resume and load_checkpoint(resume))
-    save = lambda: train.save_checkpoint(train.make_checkpoint(model, ema, d, opt, cfg, state, cpu), tmp_path)
-    train.train(model, ema, d, opt, images, cfg, cpu, state, save)
-    return model, ema, state
-
-
-def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config):
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config, tiny_run):
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     cfg = dict(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, log_every=2, checkpoint_every=100)
-    straight, straight_ema, s1 = run_training(tmp_path / "a", images, train.TrainConfig(**cfg), tiny_config)
+    straight, straight_ema, s1 = tiny_run(tmp_path / "a", tiny_config, train.TrainConfig(**cfg), images)
     # Stop mid-epoch (step 7 of 15, epoch 1 has steps 5-9), then resume in a fresh model.
-    run_training(tmp_path / "b", images, train.TrainConfig(**cfg, max_steps=7), tiny_config)
+    tiny_run(tmp_path / "b", tiny_config, train.TrainConfig(**cfg, max_steps=7), images)
     assert load_checkpoint(tmp_path / "b")["step"] == 7
-    resumed, resumed_ema, s2 = run_training(tmp_path / "b", images, train.TrainConfig(**cfg), tiny_config, resume=tmp_path / "b")
+    resumed, resumed_ema, s2 = tiny_run(tmp_path / "b", tiny_config, train.TrainConfig(**cfg), images, resume=tmp_path / "b")
     assert s1["step"] == s2["step"] == 15
     for model_a, model_b in ((straight, resumed), (straight_ema, resumed_ema)):
         for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
@@ -131,15 +122,14 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config):
     assert s1["history"] == s2["history"]
 
 
-def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config):
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_run):
     images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
-    model, ema, _ = run_training(tmp_path, images, train.TrainConfig(epochs=1, batch_size=8, warmup_steps=1),
-                                 tiny_config)
+    model, ema, _ = tiny_run(tmp_path, tiny_config, train.TrainConfig(epochs=1, batch_size=8, warmup_steps=1), images)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["step"] == 2 and ckpt["epoch"] == 0 and ckpt["ema_updates"] == 2
     for source, use_ema in ((model, False), (ema.module, True)):
         rebuilt, diffusion = build_model(ckpt, ema=use_ema)
-        assert rebuilt.config == model.config and diffusion.timesteps == 50
+        assert rebuilt.config == model.config and diffusion.timesteps == 20
         for a, b in zip(source.state_dict().values(), rebuilt.state_dict().values()):
             assert torch.equal(a, b)
 

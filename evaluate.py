@@ -1,0 +1,279 @@
+"""Score samples offline: `python evaluate.py --sampler dpm++ --steps 20 --n 10000` (see --help).
+
+Features come from a small CNN classifier trained on the Fashion-MNIST train set (cached in
+checkpoints/classifier.pt). Generated images are compared with the 10,000 test images by FID,
+KID and precision/recall, and the classifier's predicted classes show whether any class is
+missing. Real train images scored the same way give the floor a perfect generator would reach.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from diffusion import SAMPLERS
+from sample import (ArgumentParser, UserError, build_model, check_writable, generate, load_checkpoint,
+                    pick_device)
+from train import atomic_save, load_fashion_mnist, to_model_range
+
+CLASSIFIER_FORMAT = "fashion-mnist-classifier/1"
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20", "dpm++:10")
+
+
+class Classifier(nn.Module):
+    """Two conv-conv-pool stages and a 128-wide hidden layer, whose activations are the features."""
+
+    def __init__(self, features=128):
+        super().__init__()
+
+        def stage(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                    nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.body = nn.Sequential(*stage(1, 32), *stage(32, 64), nn.Flatten(),
+                                  nn.Linear(64 * 7 * 7, features), nn.BatchNorm1d(features), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(features, 10))
+
+    def forward(self, x):
+        """[B, 1, 28, 28] in [-1, 1] -> (features [B, 128], logits [B, 10])."""
+        f = self.body(x)
+        return f, self.head(f)
+
+
+def train_classifier(images, labels, test_images, test_labels, epochs=5, seed=0, device="cpu"):
+    """Adam with a one-cycle learning rate and random 2-pixel shifts; returns (model, test accuracy)."""
+    torch.manual_seed(seed)
+    model = Classifier().to(device)
+    steps_per_epoch = len(images) // 128
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training the evaluation classifier", disable=None)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(images), generator=g)[: steps_per_epoch * 128].view(-1, 128):
+            x = to_model_range(images[idx]).to(device)
+            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()  # the same shift for the whole batch
+            x = torch.roll(x, (dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(model(x)[1], labels[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+    _, logits = embed(model, to_model_range(test_images))
+    return model.eval(), (logits.argmax(1) == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def embed(model, x, batch_size=500):
+    """Features [N, 128] and logits [N, 10] of images [N, 1, 28, 28] in [-1, 1], on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return torch.cat([f for f, _ in out]).cpu(), torch.cat([lg for _, lg in out]).cpu()
+
+
+def load_classifier(checkpoint_dir, data_dir, device):
+    """The cached classifier, or a new one trained (about 5 minutes on 2 CPU cores) and cached."""
+    path = Path(checkpoint_dir) / "classifier.pt"
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("format") == CLASSIFIER_FORMAT:
+            model = Classifier()
+            model.load_state_dict(saved["model"])
+            return model.to(device).eval(), saved["test_accuracy"]
+    train_x, train_y = load_fashion_mnist(data_dir)
+    test_x, test_y = load_fashion_mnist(data_dir, train=False)
+    model, accuracy = train_classifier(train_x, train_y, test_x, test_y, device=device)
+    atomic_save({"format": CLASSIFIER_FORMAT, "model": model.state_dict(), "test_accuracy": accuracy}, path)
+    print(f"trained the evaluation classifier: test accuracy {accuracy:.2%}; cached in {path}")
+    return model, accuracy
+
+
+# ---------------------------------------------------------------------------- metrics (pure tensor math)
+
+def frechet_distance(a, b):
+    """FID between feature sets a [N, D] and b [M, D] as Gaussians (Heusel et al. 2017, eq. 6):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in float64."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    evals, evecs = torch.linalg.eigh(s_a)
+    root_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    # tr((S_a S_b)^(1/2)) = tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), which is symmetric: eigenvalues are real
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
+
+
+def kernel_inception_distance(a, b, subsets=50, subset_size=1000, seed=0):
+    """KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / D + 1)^3, averaged over subsets."""
+    a, b = a.double(), b.double()
+    m = min(subset_size, len(a), len(b))
+    g = torch.Generator().manual_seed(seed)
+    kernel = lambda x, y: (x @ y.T / a.shape[1] + 1) ** 3
+    values = []
+    for _ in range(subsets):
+        x, y = a[torch.randperm(len(a), generator=g)[:m]], b[torch.randperm(len(b), generator=g)[:m]]
+        kxx, kyy = kernel(x, x), kernel(y, y)
+        values.append((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1))
+                      - 2 * kernel(x, y).mean())
+    return torch.stack(values).mean().item()
+
+
+def _kth_neighbour_radius(x, k, chunk=1000):
+    """Distance from each row of x to its k-th nearest other row: [N]."""
+    return torch.cat([torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)])
+
+
+def _covered(points, centres, radii, chunk=1000):
+    """For each point, whether it lies inside any ball (centre, radius): [N] bool."""
+    return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii).any(1) for i in range(0, len(points), chunk)])
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall, Kynkaanniemi et al. 2019: the share of fake samples inside the
+    real k-NN manifold, and of real samples inside the fake one."""
+    real, fake = real.float(), fake.float()
+    precision = _covered(fake, real, _kth_neighbour_radius(real, k)).float().mean().item()
+    recall = _covered(real, fake, _kth_neighbour_radius(fake, k)).float().mean().item()
+    return precision, recall
+
+
+def score(features, logits, reference):
+    """Every metric of one image set against the reference (test-set) features, as a dict."""
+    precision, recall = precision_recall(reference, features)
+    counts = torch.bincount(logits.argmax(1), minlength=10).tolist()
+    return {"fid": frechet_distance(features, reference), "kid": kernel_inception_distance(features, reference),
+            "precision": precision, "recall": recall, "classes": dict(zip(CLASSES, counts))}
+
+
+# ---------------------------------------------------------------------------- command line
+
+def print_table(rows):
+    print(f"{'images':<22}{'NFE':>6}{'img/s':>9}{'FID':>9}{'KID x1e3':>10}{'prec.':>7}{'recall':>7}  fewest class")
+    for r in rows:
+        rarest = min(r["classes"], key=r["classes"].get)
+        share = r["classes"][rarest] / max(1, sum(r["classes"].values()))
+        rate = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
+        print(f"{r['name']:<22}{r.get('nfe') or '-':>6}{rate:>9}{r['fid']:>9.2f}{1e3 * r['kid']:>10.2f}"
+              f"{r['precision']:>7.3f}{r['recall']:>7.3f}  {rarest} {share:.1%}")
+
+
+def parse_grid(entries, timesteps):
+    """'sampler:steps' strings -> [(sampler, steps)], checked."""
+    grid = []
+    for entry in entries:
+        name, _, steps = entry.partition(":")
+        if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
+            raise UserError(f"--grid entry {entry!r} is not SAMPLER:STEPS with SAMPLER in {sorted(SAMPLERS)} "
+                            f"and STEPS in 1..{timesteps}")
+        grid.append((name, int(steps)))
+    return grid
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from (checkpoints)")
+    a("--sampler", default="dpm++", choices=sorted(SAMPLERS), help="sampler for a single evaluation (dpm++)")
+    a("--steps", type=int, default=20, help="sampler steps for a single evaluation (20)")
+    a("--n", type=int, default=10000, help="images to generate and score per evaluation (10000)")
+    a("--no-ema", action="store_true", help="score the raw weights instead of their moving average")
+    a("--sweep", action="store_true", help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
+    a("--grid", nargs="+", default=list(GRID), help=f"SAMPLER:STEPS entries for --sweep ({' '.join(GRID)})")
+    a("--seed", type=int, default=0, help="seed for generation and for the real-image subset (0)")
+    a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
+    a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
+    a("--classifier-dir", default="checkpoints", help="where classifier.pt is cached (checkpoints)")
+    a("--output-dir", default="output", help="where eval.json and fid_vs_steps.png go (output)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    return p
+
+
+def run(args):
+    if args.n < 2:
+        raise UserError(f"--n must be at least 2 (a covariance needs two images), got {args.n}")
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    timesteps = ckpt["config"]["diffusion"]["timesteps"]
+    grid = parse_grid(args.grid if args.sweep else [f"{args.sampler}:{args.steps}"], timesteps)
+    out = check_writable(args.output_dir, "--output-dir")
+    batch_size = args.batch_size or (64 if device.type == "cpu" else 1000)
+    classifier, accuracy = load_classifier(args.classifier_dir, args.data_dir, device)
+    print(f"evaluation classifier: test accuracy {accuracy:.2%}")
+
+    test_x, _ = load_fashion_mnist(args.data_dir, train=False)
+    reference, _ = embed(classifier, to_model_range(test_x))
+    train_x, _ = load_fashion_mnist(args.data_dir)
+    subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    started = time.perf_counter()
+    floor = {"name": "real train images", **score(*embed(classifier, to_model_range(train_x[subset])), reference)}
+    score_seconds = time.perf_counter() - started
+    rows = [floor]
+    print_table(rows)
+
+    for weights in (("ema", "raw") if args.sweep else ("raw" if args.no_ema else "ema",)):
+        model, diffusion = build_model(ckpt, device, ema=weights == "ema")
+        for sampler, steps in grid:
+            nfe = []
+            started = time.perf_counter()
+            images = generate(model, diffusion, args.n, args.seed, sampler, steps, batch_size,
+                              callback=lambda i, t, x, x0: nfe.append(1))
+            seconds = time.perf_counter() - started
+            row = {"name": f"{sampler}-{steps} {weights}", "sampler": sampler, "steps": steps, "weights": weights,
+                   "nfe": len(nfe) // math.ceil(args.n / batch_size), "images_per_s": args.n / seconds,
+                   **score(*embed(classifier, images), reference)}
+            rows.append(row)
+            print_table([row])
+
+    result = {"checkpoint": str(args.checkpoint), "step": ckpt["step"], "n": args.n, "seed": args.seed,
+              "classifier_test_accuracy": accuracy, "score_seconds_per_set": score_seconds, "rows": rows}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"scoring {args.n} images took {score_seconds:.1f} s (features and metrics, generation excluded); "
+          f"wrote {out / 'eval.json'}")
+    if args.sweep:
+        plot_sweep(rows, out / "fid_vs_steps.png")
+        print(f"wrote {out / 'fid_vs_steps.png'}")
+
+
+def plot_sweep(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (sampler, weights), style in zip([(s, w) for w in ("ema", "raw") for s in ("ddpm", "ddim", "dpm++")],
+                                         ["o-", "s-", "^-", "o--", "s--", "^--"]):
+        pts = sorted((r["nfe"], r["fid"]) for r in rows if r.get("sampler") == sampler and r["weights"] == weights)
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{sampler} ({weights})")
+    ax.axhline(rows[0]["fid"], color="gray", ls=":", label="real train images")
+    ax.set(xscale="log", xlabel="network evaluations per image (NFE)", ylabel="FID (classifier features)",
+           title="Sample quality against sampling cost")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import evaluate
+from evaluate import frechet_distance, kernel_inception_distance, precision_recall
+
+
+def exact_gaussian_sets(n=500, d=8, seed=0):
+    """Two feature sets whose sample covariances are exactly diagonal, with known means and spreads."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(x - x.mean(0))  # orthonormal columns, each summing to zero
+    sa, sb = torch.rand(d, generator=g, dtype=torch.float64) + 0.5, torch.rand(d, generator=g, dtype=torch.float64) + 0.5
+    mu_a, mu_b = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    scale = (n - 1) ** 0.5
+    return q * scale * sa + mu_a, q * scale * sb + mu_b, (mu_a - mu_b).pow(2).sum() + (sa - sb).pow(2).sum()
+
+
+def test_fid_matches_the_closed_form_for_commuting_covariances():
+    a, b, expected = exact_gaussian_sets()
+    assert_close(torch.tensor(frechet_distance(a, b), dtype=torch.float64), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2000, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    assert abs(frechet_distance(feats, feats)) < 1e-6 * feats.var(0).sum().item()
+    noisy = [frechet_distance(feats, feats + s * torch.randn(feats.shape, generator=g)) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert noisy == sorted(noisy) and noisy[0] > 0
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_noise():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2000, 16, generator=g), torch.randn(2000, 16, generator=g)
+    same = kernel_inception_distance(a, b, subset_size=500)
+    noisy = [kernel_inception_distance(a, b + s * torch.randn(b.shape, generator=g), subset_size=500)
+             for s in (0.5, 1.0, 2.0)]
+    assert abs(same) < 0.1 * noisy[0]
+    assert noisy == sorted(noisy)
+    assert kernel_inception_distance(a, b, seed=3) == kernel_inception_distance(a, b, seed=3)
+
+
+def test_precision_and_recall():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(1000, 8, generator=g)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 100) == (0.0, 0.0)
+    # Two far-apart modes, and a generator that makes only one: all it makes is realistic, half is missing.
+    two_modes = torch.cat([real[:500] - 50, real[500:] + 50])
+    assert precision_recall(two_modes, two_modes[:500]) == (1.0, 0.5)
+
+
+@pytest.fixture
+def scored_checkpoint(cli):
+    assert cli.run("train.py", "--max-steps", "4", "--sample-n", "0").returncode == 0
+    return cli
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
+    cli = scored_checkpoint
+    argv = ["--checkpoint", cli.ckpt, "--data-dir", cli.data, "--classifier-dir", cli.ckpt, "--output-dir", cli.out,
+            "--n", "40", "--sweep", "--grid", "ddpm:5", "ddim:3", "dpm++:3"]
+    results = []
+    for _ in range(2):
+        evaluate.main([str(a) for a in argv])
+        results.append(json.loads((cli.out / "eval.json").read_text()))
+    assert "test accuracy" in capsys.readouterr().out
+    assert (cli.ckpt / "classifier.pt").is_file() and (cli.out / "fid_vs_steps.png").stat().st_size > 0
+    rows = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in res["rows"]] for res in results]
+    assert rows[0] == rows[1]  # same seed, same numbers
+    names = [r["name"] for r in rows[0]]
+    assert names == ["real train images"] + [f"{s} {w}" for w in ("ema", "raw") for s in ("ddpm-5", "ddim-3", "dpm++-3")]
+    assert [r["nfe"] for r in rows[0][1:4]] == [5, 3, 3]
+    assert all(sum(r["classes"].values()) == 40 for r in rows[0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "ddpm:0"], "is not SAMPLER:STEPS"),
+    (["--grid", "euler:10"], "is not SAMPLER:STEPS"),
+    (["--n", "1"], "--n must be at least 2"),
+    (["--sampler", "euler"], "invalid choice"),
+])
+def test_evaluate_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
+    err = fails(evaluate, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path / "o", "--sweep", *args])
+    assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_refuses_a_foreign_checkpoint(tmp_path, fails):
+    torch.save({"format": "other"}, tmp_path / "x.pt")
+    assert "not a checkpoint of this project" in fails(evaluate, ["--checkpoint", tmp_path / "x.pt"])
