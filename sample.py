@@ -188,6 +188,8 @@ def run(args):
         raise UserError(f"--n must be a positive number of images, got {args.n}")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must be between 0 (deterministic DDIM) and 1 (ancestral), got {args.eta}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
