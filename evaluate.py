@@ -18,8 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion import SAMPLERS
-from sample import (ArgumentParser, UserError, build_model, check_writable, generate, load_checkpoint,
-                    pick_device)
+from sample import (ArgumentParser, UserError, build_model, check_writable, default_batch_size, generate,
+                    load_checkpoint, pick_device)
 from train import atomic_save, load_fashion_mnist, to_model_range
 
 CLASSIFIER_FORMAT = "fashion-mnist-classifier/1"
@@ -207,7 +207,7 @@ def run(args):
     timesteps = ckpt["config"]["diffusion"]["timesteps"]
     grid = parse_grid(args.grid if args.sweep else [f"{args.sampler}:{args.steps}"], timesteps)
     out = check_writable(args.output_dir, "--output-dir")
-    batch_size = args.batch_size or (64 if device.type == "cpu" else 1000)
+    batch_size = args.batch_size or default_batch_size(device)
     classifier, accuracy = load_classifier(args.classifier_dir, args.data_dir, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
 
