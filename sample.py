@@ -4,6 +4,7 @@ import pickle
 import re
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,12 @@ def pick_device(name):
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def autocast_for(device, precision):
+    """bf16 autocast or nullcontext(), as `precision` asks: fp32, bf16, or auto (bf16 on CUDA GPUs that have it)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def resolve_checkpoint(path):
@@ -115,7 +122,7 @@ def default_batch_size(device):
 
 
 def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size=None, callback=None,
-             progress=True, **sampler_options):
+             progress=True, precision="fp32", **sampler_options):
     """n images [n, C, H, W] in [-1, 1] on the CPU, drawn in batches; the same seed and batch size
     give the same images."""
     device = next(model.parameters()).device
@@ -134,8 +141,9 @@ def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             noise = torch.randn((b, c.in_channels, c.image_size, c.image_size), generator=g, device=device)
-            x = SAMPLERS[sampler](model, diffusion, noise, steps, generator=g, callback=step_callback,
-                                  **sampler_options)
+            with autocast_for(device, precision):
+                x = SAMPLERS[sampler](model, diffusion, noise, steps, generator=g, callback=step_callback,
+                                      **sampler_options)
             out.append(x.cpu())
     return torch.cat(out)
 

@@ -9,7 +9,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
-from sample import (FORMAT, ArgumentParser, UserError, check_writable, generate, load_checkpoint, pick_device,
-                    save_columns, save_grid)
+from sample import (FORMAT, ArgumentParser, UserError, autocast_for, check_writable, generate, load_checkpoint,
+                    pick_device, save_columns, save_grid)
 from unet import UNet, UNetConfig, count_parameters
 
 # Presets fill in every flag the user did not give. The cpu one is sized to finish in about
@@ -48,6 +47,8 @@ class TrainConfig:
     log_every: int = 50
     max_steps: int = 0  # 0: no limit
     max_minutes: float = 0.0  # 0: no limit
+    precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile the model for the training step
 
 
 # ---------------------------------------------------------------------------- data
@@ -219,7 +220,7 @@ def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
     model = UNet(model_cfg).to(device)
     ema = ema_of(model, cfg.ema_decay)
     diffusion = Diffusion(diffusion_cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "history": []}
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -270,7 +271,8 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save):
     """
     steps_per_epoch = len(images) // cfg.batch_size
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_for(device, cfg.precision)
+    net = torch.compile(model) if cfg.compile else model  # same parameters; checkpoints save `model`
     deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     pending = []  # (step, epoch, loss on the device): read back once per log_every steps, not every step
 
@@ -304,7 +306,7 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 with autocast:
-                    loss = diffusion.loss(model, x0, t, noise).mean()
+                    loss = diffusion.loss(net, x0, t, noise).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -365,6 +367,9 @@ def build_parser():
     a("--resume", metavar="PATH", help="continue the run saved in this checkpoint")
     a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit)")
     a("--max-minutes", type=float, help="stop after this many minutes of training, checkpoint and sample (0: no limit)")
+    a("--precision", choices=["auto", "fp32", "bf16"],
+      help="bf16 autocast or plain fp32; auto: bf16 on CUDA, fp32 elsewhere (auto)")
+    a("--compile", action="store_true", default=None, help="torch.compile the model for training (off)")
     a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
     return p
 
@@ -416,6 +421,8 @@ def run(args):
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
     validate(cfg)
+    if device.type == "cuda":  # TF32 matmuls for whatever stays in fp32 (autocast covers the rest)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out, ckpt_dir = (check_writable(d, flag) for d, flag in ((args.output_dir, "--output-dir"),
                                                               (args.checkpoint_dir, "--checkpoint-dir")))
     images, labels = load_fashion_mnist(args.data_dir)

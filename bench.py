@@ -1,0 +1,177 @@
+"""Measure speed: `python bench.py` (see --help). Run it alone: another busy process skews every number.
+
+Training images/s of the training loop as train.py runs it, in each model-path setting, against a
+plain baseline (torchvision DataLoader with per-image transforms, fp32, default Adam); sampling
+images/s of every sampler; FLOPs per image, counted; and the fraction of this machine's fp32
+matrix-multiply peak, measured in the same run.
+"""
+import argparse
+import contextlib
+import io
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from diffusion import Diffusion, DiffusionConfig
+from sample import generate, pick_device
+from unet import UNet, UNetConfig
+
+
+def matmul_peak(device, n=None, repeats=10):
+    """fp32 matrix-multiply GFLOP/s (TF32 off), the reference for 'fraction of peak'."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    sync(device)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_image(model, diffusion, batch=16):
+    """(training step: forward and backward of the loss, sampling: one forward), per image."""
+    x = torch.randn(batch, 1, 28, 28)
+    t = torch.randint(0, diffusion.timesteps, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        diffusion.loss(model, x, t, torch.randn_like(x)).mean().backward()
+    train_flops = counter.get_total_flops() / batch
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t)
+    return train_flops, counter.get_total_flops() / batch
+
+
+def loop_rate(model_cfg, cfg, images, device, steps, warmup, channels_last=False):
+    """Training images/s of train.train itself, after `warmup` steps (compilation included there)."""
+    model, ema, diffusion, optimizer, state = train.setup(model_cfg, DiffusionConfig(), cfg, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        train.train(model, ema, diffusion, optimizer, images, replace(cfg, max_steps=warmup), device, state, lambda: 0)
+        sync(device)
+        start = time.perf_counter()
+        train.train(model, ema, diffusion, optimizer, images, replace(cfg, max_steps=warmup + steps), device, state,
+                    lambda: 0)
+        sync(device)
+    return steps * cfg.batch_size / (time.perf_counter() - start)
+
+
+def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
+    """The baseline a first DDPM script would write: a torchvision DataLoader of PIL images with
+    ToTensor and Normalize, fp32, torch.optim.Adam's defaults, no EMA, no clipping."""
+    import torchvision
+    from torchvision import transforms
+
+    torch.manual_seed(cfg.seed)
+    data = torchvision.datasets.FashionMNIST(train.prepare_fashion_mnist(data_dir), train=True, transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    model, diffusion = UNet(model_cfg).to(device), Diffusion(DiffusionConfig()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    for i, (x0, _) in enumerate(loader):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        x0 = x0.to(device)
+        t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device)
+        loss = diffusion.loss(model, x0, t, torch.randn_like(x0)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i == warmup + steps - 1:
+            break
+    sync(device)
+    return steps * cfg.batch_size / (time.perf_counter() - start)
+
+
+def sample_rate(model, diffusion, sampler, steps, n, precision):
+    start = time.perf_counter()
+    generate(model, diffusion, n, sampler=sampler, steps=steps, progress=False, precision=precision)
+    return n / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="auto", choices=["auto", "cpu", "gpu"], help="model and batch to measure (auto)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (5; compile adds 3)")
+    p.add_argument("--sample-n", type=int, default=64, help="images per sampling measurement (64)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["compile", "ddpm1000"],
+                   help="leave out slow measurements: compile, ddpm1000 (sampling 1000 steps)")
+    p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data)")
+    p.add_argument("--json", default="output/bench.json", help="where to write the results (output/bench.json)")
+    args = p.parse_args()
+
+    device = pick_device(args.device)
+    preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+    values = train.PRESETS[preset]
+    model_cfg = UNetConfig(**{k: v for k, v in values.items() if k in UNetConfig.__dataclass_fields__})
+    cfg = train.TrainConfig(**{k: v for k, v in values.items() if k in train.TrainConfig.__dataclass_fields__})
+    images = train.load_fashion_mnist(args.data_dir)[0].to(device)
+    model, diffusion = UNet(model_cfg), Diffusion(DiffusionConfig())
+    train_flops, sample_flops = flops_per_image(model, diffusion)
+    peak = matmul_peak(device)
+    print(f"{device} ({torch.get_num_threads()} threads), preset {preset}: {train_flops / 1e9:.2f} GFLOP per training "
+          f"image, {sample_flops / 1e9:.2f} per network evaluation; fp32 matmul peak {peak:.0f} GFLOP/s")
+
+    rows = []
+
+    def report(name, rate, flops, baseline=None):
+        rows.append({"setting": name, "images_per_s": rate, "fraction_of_peak": rate * flops / 1e9 / peak,
+                     "speedup": rate / baseline if baseline else None})
+        extra = f"  {rate / baseline:.2f}x the plain path" if baseline else ""
+        print(f"  {name:<44}{rate:>9.1f} img/s  {rate * flops / 1e9 / peak:6.1%} of peak{extra}", flush=True)
+
+    print("training")
+    plain = plain_rate(model_cfg, cfg, args.data_dir, device, args.steps, args.warmup)
+    report("plain: DataLoader + transforms, fp32", plain, train_flops)
+    settings = [("tensor data path, fp32", dict(precision="fp32"), {}),
+                ("tensor data path, fp32, channels_last", dict(precision="fp32"), dict(channels_last=True)),
+                ("tensor data path, bf16 autocast", dict(precision="bf16"), {})]
+    if "compile" not in args.skip:
+        settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
+                     ("tensor data path, bf16, torch.compile", dict(precision="bf16", compile=True), {})]
+    for name, options, extra in settings:
+        warmup = args.warmup + (3 if options.get("compile") else 0)
+        report(name, loop_rate(model_cfg, replace(cfg, **options), images, device, args.steps, warmup, **extra),
+               train_flops, plain)
+
+    print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, 64 if device.type == 'cpu' else 1000)})")
+    model.to(device).eval()
+    diffusion.to(device)
+    grid = [("ddpm", 100), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
+    if "ddpm1000" not in args.skip:
+        grid.insert(0, ("ddpm", 1000))
+    for sampler, steps in grid:
+        for precision in ("fp32", "bf16"):
+            rate = sample_rate(model, diffusion, sampler, steps, args.sample_n, precision)
+            rows.append({"setting": f"sample {sampler}-{steps} {precision}", "images_per_s": rate,
+                         "fraction_of_peak": rate * steps * sample_flops / 1e9 / peak})
+            print(f"  {sampler + '-' + str(steps) + ' ' + precision:<44}{rate:>9.2f} img/s  "
+                  f"{rows[-1]['fraction_of_peak']:6.1%} of peak", flush=True)
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
+                                           "train_flops_per_image": train_flops, "sample_flops_per_nfe": sample_flops,
+                                           "matmul_peak_gflops": peak, "rows": rows}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
