@@ -18,12 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion import SAMPLERS
-from sample import (ArgumentParser, UserError, build_model, check_writable, default_batch_size, generate,
-                    load_checkpoint, pick_device)
+from sample import (CLASSES, GUIDANCE, ArgumentParser, UserError, build_model, check_writable, default_batch_size,
+                    generate, load_checkpoint, pick_device)
 from train import atomic_save, load_fashion_mnist, to_model_range
 
 CLASSIFIER_FORMAT = "fashion-mnist-classifier/1"
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20", "dpm++:10")
 
 
@@ -148,24 +147,33 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-def score(features, logits, reference):
-    """Every metric of one image set against the reference (test-set) features, as a dict."""
+def score(features, logits, reference, labels=None, reference_labels=None):
+    """Every metric of one image set against the reference (test-set) features, as a dict. With the
+    classes the images were asked for (labels): how often the classifier agrees, and FID per class."""
     precision, recall = precision_recall(reference, features)
     counts = torch.bincount(logits.argmax(1), minlength=10).tolist()
-    return {"fid": frechet_distance(features, reference), "kid": kernel_inception_distance(features, reference),
-            "precision": precision, "recall": recall, "classes": dict(zip(CLASSES, counts))}
+    result = {"fid": frechet_distance(features, reference), "kid": kernel_inception_distance(features, reference),
+              "precision": precision, "recall": recall, "classes": dict(zip(CLASSES, counts))}
+    if labels is not None:
+        result["accuracy"] = (logits.argmax(1) == labels).float().mean().item()
+        result["fid_per_class"] = {name: frechet_distance(features[labels == c], reference[reference_labels == c])
+                                   for c, name in enumerate(CLASSES) if (labels == c).sum() > 1}
+    return result
 
 
 # ---------------------------------------------------------------------------- command line
 
-def print_table(rows):
-    print(f"{'images':<22}{'NFE':>6}{'img/s':>9}{'FID':>9}{'KID x1e3':>10}{'prec.':>7}{'recall':>7}  fewest class")
+def print_table(rows, header=False):
+    if header:
+        print(f"{'images':<26}{'NFE':>6}{'img/s':>9}{'FID':>9}{'KID x1e3':>10}{'prec.':>7}{'recall':>7}"
+              f"{'cond.acc':>9}  fewest class")
     for r in rows:
         rarest = min(r["classes"], key=r["classes"].get)
         share = r["classes"][rarest] / max(1, sum(r["classes"].values()))
         rate = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        print(f"{r['name']:<22}{r.get('nfe') or '-':>6}{rate:>9}{r['fid']:>9.2f}{1e3 * r['kid']:>10.2f}"
-              f"{r['precision']:>7.3f}{r['recall']:>7.3f}  {rarest} {share:.1%}")
+        accuracy = f"{r['accuracy']:.1%}" if "accuracy" in r else "-"
+        print(f"{r['name']:<26}{r.get('nfe') or '-':>6}{rate:>9}{r['fid']:>9.2f}{1e3 * r['kid']:>10.2f}"
+              f"{r['precision']:>7.3f}{r['recall']:>7.3f}{accuracy:>9}  {rarest} {share:.1%}")
 
 
 def parse_grid(entries, timesteps):
@@ -190,6 +198,9 @@ def build_parser():
     a("--no-ema", action="store_true", help="score the raw weights instead of their moving average")
     a("--sweep", action="store_true", help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
     a("--grid", nargs="+", default=list(GRID), help=f"SAMPLER:STEPS entries for --sweep ({' '.join(GRID)})")
+    a("--guidance", type=float, default=GUIDANCE, help=f"conditional models: guidance scale w ({GUIDANCE})")
+    a("--guidance-sweep", type=float, nargs="+", metavar="W",
+      help="conditional models: score each guidance scale, plot FID and accuracy against it")
     a("--seed", type=int, default=0, help="seed for generation and for the real-image subset (0)")
     a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
     a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
@@ -204,45 +215,82 @@ def run(args):
         raise UserError(f"--n must be at least 2 (a covariance needs two images), got {args.n}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    timesteps = ckpt["config"]["diffusion"]["timesteps"]
+    timesteps, conditional = ckpt["config"]["diffusion"]["timesteps"], ckpt["config"]["model"].get("num_classes", 0)
     grid = parse_grid(args.grid if args.sweep else [f"{args.sampler}:{args.steps}"], timesteps)
+    if args.guidance_sweep and not conditional:
+        raise UserError("--guidance-sweep needs a class-conditional checkpoint (train.py --conditional)")
+    if min(args.guidance_sweep or [args.guidance]) < 0:
+        raise UserError("guidance scales must be 0 or more")
     out = check_writable(args.output_dir, "--output-dir")
     batch_size = args.batch_size or default_batch_size(device)
     classifier, accuracy = load_classifier(args.classifier_dir, args.data_dir, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
 
-    test_x, _ = load_fashion_mnist(args.data_dir, train=False)
+    test_x, test_y = load_fashion_mnist(args.data_dir, train=False)
     reference, _ = embed(classifier, to_model_range(test_x))
-    train_x, _ = load_fashion_mnist(args.data_dir)
+    train_x, train_y = load_fashion_mnist(args.data_dir)
     subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
     started = time.perf_counter()
-    floor = {"name": "real train images", **score(*embed(classifier, to_model_range(train_x[subset])), reference)}
+    floor = {"name": "real train images", **score(*embed(classifier, to_model_range(train_x[subset])), reference,
+                                                  train_y[subset] if conditional else None, test_y)}
     score_seconds = time.perf_counter() - started
     rows = [floor]
-    print_table(rows)
+    print_table(rows, header=True)
 
-    for weights in (("ema", "raw") if args.sweep else ("raw" if args.no_ema else "ema",)):
+    labels = torch.arange(args.n) % 10 if conditional else None  # every class equally often
+    if args.sweep:
+        runs = [(w, s, k, args.guidance) for w in ("ema", "raw") for s, k in grid]
+    else:
+        weights = "raw" if args.no_ema else "ema"
+        runs = [(weights, *grid[0], g) for g in (args.guidance_sweep or [args.guidance])]
+    for weights, sampler, steps, guidance in runs:
         model, diffusion = build_model(ckpt, device, ema=weights == "ema")
-        for sampler, steps in grid:
-            nfe = []
-            started = time.perf_counter()
-            images = generate(model, diffusion, args.n, args.seed, sampler, steps, batch_size,
-                              callback=lambda i, t, x, x0: nfe.append(1))
-            seconds = time.perf_counter() - started
-            row = {"name": f"{sampler}-{steps} {weights}", "sampler": sampler, "steps": steps, "weights": weights,
-                   "nfe": len(nfe) // math.ceil(args.n / batch_size), "images_per_s": args.n / seconds,
-                   **score(*embed(classifier, images), reference)}
-            rows.append(row)
-            print_table([row])
+        nfe = []
+        started = time.perf_counter()
+        images = generate(model, diffusion, args.n, args.seed, sampler, steps, batch_size, labels=labels,
+                          guidance=guidance, callback=lambda i, t, x, x0: nfe.append(1))
+        seconds = time.perf_counter() - started
+        name = f"{sampler}-{steps} {weights}" + (f" w={guidance:g}" if conditional else "")
+        row = {"name": name, "sampler": sampler, "steps": steps, "weights": weights, "guidance": guidance,
+               "nfe": len(nfe) // math.ceil(args.n / batch_size), "images_per_s": args.n / seconds,
+               **score(*embed(classifier, images), reference, labels, test_y)}
+        rows.append(row)
+        print_table([row])
 
     result = {"checkpoint": str(args.checkpoint), "step": ckpt["step"], "n": args.n, "seed": args.seed,
-              "classifier_test_accuracy": accuracy, "score_seconds_per_set": score_seconds, "rows": rows}
+              "conditional": bool(conditional), "classifier_test_accuracy": accuracy,
+              "score_seconds_per_set": score_seconds, "rows": rows}
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"scoring {args.n} images took {score_seconds:.1f} s (features and metrics, generation excluded); "
           f"wrote {out / 'eval.json'}")
     if args.sweep:
         plot_sweep(rows, out / "fid_vs_steps.png")
         print(f"wrote {out / 'fid_vs_steps.png'}")
+    if args.guidance_sweep:
+        plot_guidance(rows[1:], out / "guidance.png")
+        print(f"wrote {out / 'guidance.png'}")
+
+
+def plot_guidance(rows, path):
+    """FID and conditional accuracy against the guidance scale w, on two axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = [r["guidance"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(w, [r["fid"] for r in rows], "o-", color="C0")
+    ax.set(xlabel="guidance scale w", ylabel="FID (classifier features)", title="Classifier-free guidance")
+    ax.tick_params(axis="y", labelcolor="C0")
+    ax.yaxis.label.set_color("C0")
+    acc = ax.twinx()
+    acc.plot(w, [100 * r["accuracy"] for r in rows], "s--", color="C1")
+    acc.set_ylabel("conditional accuracy (%)", color="C1")
+    acc.tick_params(axis="y", labelcolor="C1")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_sweep(rows, path):

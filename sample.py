@@ -15,6 +15,8 @@ from tqdm import tqdm
 from diffusion import SAMPLERS, Diffusion, DiffusionConfig
 from unet import UNet, UNetConfig
 
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+GUIDANCE = 2.0  # default classifier-free guidance scale for conditional models (README, "Guidance")
 FORMAT = "ddpm-fashion-mnist/1"  # stored in every checkpoint; anything else is not ours
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first; see train.save_checkpoint
 
@@ -121,10 +123,35 @@ def default_batch_size(device):
     return 64 if device.type == "cpu" else 1000
 
 
+def parse_class(text):
+    """A class index 0-9, or its torchvision name in any case ("ankle boot"), as an int."""
+    names = [c.lower() for c in CLASSES]
+    if text.strip().lower() in names:
+        return names.index(text.strip().lower())
+    if text.strip().isdigit() and int(text) < len(CLASSES):
+        return int(text)
+    raise UserError(f"unknown class {text!r}; use an index 0-9 or one of: {', '.join(CLASSES)}")
+
+
+def guided(model, labels, w):
+    """Classifier-free guidance, eq. 6 of Ho & Salimans 2022: (1 + w) f(x, t, c) - w f(x, t, none).
+
+    w = 0 is the conditional model alone; conditional and unconditional run as one doubled batch.
+    """
+    if w == 0:
+        return lambda x, t: model(x, t, labels)
+
+    def fn(x, t):
+        none = torch.full_like(labels, model.config.num_classes)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, none])).chunk(2)
+        return cond + w * (cond - uncond)
+    return fn
+
+
 def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size=None, callback=None,
-             progress=True, precision="fp32", **sampler_options):
+             progress=True, precision="fp32", labels=None, guidance=0.0, **sampler_options):
     """n images [n, C, H, W] in [-1, 1] on the CPU, drawn in batches; the same seed and batch size
-    give the same images."""
+    give the same images. labels [n]: the class of each image, for a conditional model."""
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
     c = model.config
@@ -141,8 +168,9 @@ def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             noise = torch.randn((b, c.in_channels, c.image_size, c.image_size), generator=g, device=device)
+            fn = model if labels is None else guided(model, labels[start:start + b].to(device), guidance)
             with autocast_for(device, precision):
-                x = SAMPLERS[sampler](model, diffusion, noise, steps, generator=g, callback=step_callback,
+                x = SAMPLERS[sampler](fn, diffusion, noise, steps, generator=g, callback=step_callback,
                                       **sampler_options)
             out.append(x.cpu())
     return torch.cat(out)
@@ -156,23 +184,47 @@ def save_grid(images, path, nrow=8, scale=3):
     save_image(F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
 
 
-def save_columns(columns, path, title):
-    """columns: [(label, images [k, 1, H, W] in [-1, 1])] -> one labelled column per entry, k rows."""
+def save_labelled(groups, path, title, rows=False):
+    """groups: [(label, images [k, 1, H, W] in [-1, 1])] -> one labelled column per group (or row)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = len(columns[0][1])
-    fig, axes = plt.subplots(k, len(columns), figsize=(1.1 * len(columns), 1.1 * k + 0.3), squeeze=False)
-    for j, (label, x) in enumerate(columns):
-        axes[0, j].set_title(label, fontsize=9)
+    k, m = len(groups[0][1]), len(groups)
+    shape = (m, k) if rows else (k, m)
+    fig, axes = plt.subplots(*shape, figsize=(1.1 * shape[1] + (1.2 if rows else 0), 1.1 * shape[0] + 0.3),
+                             squeeze=False)
+    for j, (label, x) in enumerate(groups):
         for i in range(k):
-            axes[i, j].imshow(x[i, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
-            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+            ax = axes[j, i] if rows else axes[i, j]
+            ax.imshow(x[i, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        if rows:
+            axes[j, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
+        else:
+            axes[0, j].set_title(label, fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, **kw):
+    """The standard pictures: n images in out/samples.png. A conditional model given no label draws
+    ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row per class."""
+    labels, per_class = None, None
+    if model.config.num_classes and label is not None:
+        labels = torch.full((n,), label)
+    elif model.config.num_classes:
+        per_class = -(-n // len(CLASSES))
+        labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
+    images = generate(model, diffusion, len(labels) if labels is not None else n, seed, labels=labels,
+                      guidance=guidance if labels is not None else 0.0, **kw)
+    save_grid(images, out / "samples.png", nrow=per_class or 8)
+    if per_class:
+        save_labelled(list(zip(CLASSES, images.split(per_class))), out / "samples_by_class.png",
+                      f"One row per class, guidance w = {guidance}", rows=True)
+    return images
 
 
 def to_uint8(images):
@@ -193,6 +245,9 @@ def build_parser():
     a("--output-dir", default="output", help="where samples.png (and denoising.png) are written")
     a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
     a("--save-npz", metavar="PATH", help="also save the images as uint8 [N, 28, 28] under the key 'images'")
+    a("--class", dest="class_", metavar="CLASS",
+      help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
+    a("--guidance", type=float, default=GUIDANCE, help="conditional models: classifier-free guidance scale w")
     a("--no-ema", action="store_true", help="sample with the raw trained weights instead of their EMA")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     return p
@@ -208,6 +263,12 @@ def run(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
+    label = parse_class(args.class_) if args.class_ is not None else None
+    if label is not None and not model.config.num_classes:
+        raise UserError("--class needs a class-conditional model; this checkpoint's is unconditional "
+                        "(train one with `python train.py --conditional`)")
+    if args.guidance < 0:
+        raise UserError(f"--guidance must be 0 (conditional model alone) or more, got {args.guidance}")
     if args.steps is not None and not 1 <= args.steps <= diffusion.timesteps:
         raise UserError(f"--steps must be between 1 and {diffusion.timesteps}, got {args.steps}")
     out = check_writable(args.output_dir, "--output-dir")
@@ -225,11 +286,12 @@ def run(args):
             snapshots.append((f"t = {t}", x[:keep].cpu()))
 
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
-    images = generate(model, diffusion, args.n, args.seed, args.sampler, args.steps, args.batch_size, record, **options)
-    save_grid(images, out / "samples.png")
-    print(f"wrote {out / 'samples.png'}")
+    images = draw_pictures(model, diffusion, args.n, out, args.seed, label, args.guidance, sampler=args.sampler,
+                           steps=args.steps, batch_size=args.batch_size, callback=record, **options)
+    print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if model.config.num_classes and label is None
+                                             else ""))
     if args.trajectory:
-        save_columns(snapshots, out / "denoising.png",
+        save_labelled(snapshots, out / "denoising.png",
                      "Reverse process, from noise (left) to a sample (right): x after the step at t")
         print(f"wrote {out / 'denoising.png'}")
     if args.save_npz:

@@ -1,4 +1,5 @@
 """Train a DDPM on Fashion-MNIST: `python train.py` (see --help), then look in output/."""
+import argparse
 import contextlib
 import csv
 import gzip
@@ -17,8 +18,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
-from sample import (FORMAT, ArgumentParser, UserError, autocast_for, check_writable, generate, load_checkpoint,
-                    pick_device, save_columns, save_grid)
+from sample import (FORMAT, ArgumentParser, UserError, autocast_for, check_writable, draw_pictures, load_checkpoint,
+                    pick_device, save_labelled)
 from unet import UNet, UNetConfig, count_parameters
 
 # Presets fill in every flag the user did not give. The cpu one is sized to finish in about
@@ -42,6 +43,7 @@ class TrainConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     ema_decay: float = 0.999
+    cond_drop: float = 0.1  # conditional models: share of labels replaced by "no class" (Ho & Salimans 2022)
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -124,7 +126,7 @@ def save_forward_figure(images, diffusion, path, seed=0):
     x0 = to_model_range(images.cpu())
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     columns = [(f"t = {t}", diffusion.q_sample(x0, torch.full((len(x0),), t), noise)) for t in times]
-    save_columns(columns, path, f"q(x_t | x_0), {diffusion.config.schedule} schedule")
+    save_labelled(columns, path, f"q(x_t | x_0), {diffusion.config.schedule} schedule")
 
 
 def save_loss_history(history, output_dir, smooth=100):
@@ -263,9 +265,16 @@ def graceful_signals():
             signal.signal(s, h)
 
 
-def train(model, ema, diffusion, optimizer, images, cfg, device, state, save):
+def drop_labels(labels, p, null):
+    """Replace each label by the "no class" token `null` with probability p, so that one model learns both
+    the conditional and the unconditional score (Ho & Salimans 2022, Algorithm 1): [B] -> [B]."""
+    return torch.where(torch.rand(labels.shape, device=labels.device) < p, torch.full_like(labels, null), labels)
+
+
+def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, labels=None):
     """The loop: sample t and noise, take an Adam step on L_simple, update the EMA, log, save() now and then.
 
+    images: uint8 [N, 28, 28] on device; labels [N] too, used if the model is class-conditional.
     state holds what must survive a restart (step, epoch, per-step loss history), updated in place.
     Always ends with a save(). Returns why it stopped before the planned end, or None.
     """
@@ -301,12 +310,13 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save):
             epoch_start = time.time()
             for idx in epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, device)[start:]:
                 x0 = to_model_range(images[idx])
+                y = drop_labels(labels[idx], cfg.cond_drop, model.config.num_classes) if model.config.num_classes else None
                 t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device)
                 noise = torch.randn_like(x0)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 with autocast:
-                    loss = diffusion.loss(net, x0, t, noise).mean()
+                    loss = diffusion.loss(lambda xt, tt: net(xt, tt, y), x0, t, noise).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -356,6 +366,9 @@ def build_parser():
     a("--attn-resolutions", type=int, nargs="*", help="feature-map sizes with self-attention (preset)")
     a("--dropout", type=float, help="dropout in residual blocks (preset)")
     a("--grad-clip", type=float, help="clip the gradient's global norm to this; 0: off (1.0)")
+    a("--conditional", action=argparse.BooleanOptionalAction,
+      help="class-conditional model, for sample.py --class and guidance (preset)")
+    a("--cond-drop", type=float, help="conditional models: share of labels dropped to 'no class' (0.1)")
     a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to sample (0.999)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
@@ -381,6 +394,8 @@ def resolve_configs(args, device, saved=None):
     the preset; a flag given explicitly always wins, except that a resumed model cannot change.
     """
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None}
+    if "conditional" in given:
+        given["num_classes"] = 10 if given.pop("conditional") else 0
     if saved is not None:
         base = {**saved["model"], **saved["diffusion"], **saved["train"]}
         fixed = [f.name for cls in (UNetConfig, DiffusionConfig) for f in fields(cls)]
@@ -407,6 +422,8 @@ def validate(cfg, n_images=None):
     for name in ("warmup_steps", "max_steps", "max_minutes", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
+    if not 0 <= cfg.cond_drop <= 1:
+        raise UserError(f"--cond-drop must be in [0, 1], got {cfg.cond_drop}")
     if not 0 <= cfg.ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if n_images is not None and cfg.batch_size > n_images:
@@ -439,7 +456,7 @@ def run(args):
 
     save = lambda: save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device), ckpt_dir)
     started = time.time()
-    stopped = train(model, ema, diffusion, optimizer, images, cfg, device, state, save)
+    stopped = train(model, ema, diffusion, optimizer, images, cfg, device, state, save, labels.to(device))
     save_loss_history(state["history"], out)
     path = ckpt_dir / "ckpt.pt"
     print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint {path}; "
@@ -448,10 +465,9 @@ def run(args):
         print(f"stopped early by {stopped}; to continue: python train.py --resume {path}")
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
         return
-    samples = generate(ema.module.eval(), diffusion, args.sample_n, cfg.seed)
-    save_grid(samples, out / "samples.png")
-    print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, "
-          f"{diffusion.timesteps} DDPM steps)")
+    draw_pictures(ema.module.eval(), diffusion, args.sample_n, out, cfg.seed)
+    print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, {diffusion.timesteps} DDPM steps"
+          + (", and samples_by_class.png)" if model_cfg.num_classes else ")"))
 
 
 def main(argv=None):

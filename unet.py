@@ -22,6 +22,7 @@ class UNetConfig:
     num_res_blocks: int = 2  # residual blocks per level on the way down
     attn_resolutions: tuple = (7,)  # feature-map sizes that get self-attention
     dropout: float = 0.1
+    num_classes: int = 0  # > 0: class-conditional, with label num_classes meaning "no class" (Ho & Salimans 2022)
 
     def __post_init__(self):
         # Checkpoints store plain lists; keep tuples so configs compare equal after a round trip.
@@ -95,13 +96,18 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Predicts the noise (or another target) in x_t: ([B, C, H, W], [B] int) -> [B, C, H, W]."""
+    """Predicts the noise (or another target) in x_t: ([B, C, H, W], t [B], labels [B] or None) -> [B, C, H, W].
+
+    A conditional model given no labels (or label num_classes) is the unconditional model.
+    """
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
         temb_dim = 4 * c.width
         self.temb = nn.Sequential(nn.Linear(c.width, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # One embedding per class plus the "no class" token, added to the timestep embedding.
+        self.class_emb = nn.Embedding(c.num_classes + 1, temb_dim) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, c.width, 3, padding=1)
 
         def block(cin, cout, res):
@@ -139,8 +145,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         temb = self.temb(timestep_embedding(t, self.config.width))
+        if self.class_emb is not None:
+            y = torch.full_like(t, self.config.num_classes) if y is None else y
+            temb = temb + self.class_emb(y)
         h = self.conv_in(x)
         hs = [h]
         for layers in self.down:
