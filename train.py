@@ -319,6 +319,8 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
                     loss = diffusion.loss(lambda xt, tt: net(xt, tt, y), x0, t, noise).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 ema.update_parameters(model)
                 step += 1

@@ -105,6 +105,25 @@ def test_ema_follows_its_formula(tiny_config):
         torch.testing.assert_close(p, e)
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_gradient_clipping_limits_the_norm_adam_sees(tmp_path, tiny_config, tiny_run, monkeypatch, grad_clip):
+    seen = []  # global gradient norm at each optimizer step
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    tiny_run(tmp_path, tiny_config, train.TrainConfig(epochs=1, batch_size=8, grad_clip=grad_clip))
+    assert len(seen) == 4
+    if grad_clip:
+        assert max(seen) <= grad_clip * 1.0001
+    else:  # unclipped gradients of a fresh model are far larger than 1e-3
+        assert min(seen) > 1e-2
+
+
 # ---------------------------------------------------------------------------- checkpoints and resume
 
 def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config, tiny_run):
