@@ -56,6 +56,17 @@ def flops_per_image(model, diffusion, batch=16):
     return train_flops, counter.get_total_flops() / batch
 
 
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 for CUDA matmuls and convolutions on or off (train.py turns it on), restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def loop_rate(model_cfg, cfg, images, device, steps, warmup, channels_last=False):
     """Training images/s of train.train itself, after `warmup` steps (compilation included there)."""
     model, ema, diffusion, optimizer, state = train.setup(model_cfg, DiffusionConfig(), cfg, device)
@@ -111,7 +122,7 @@ def main():
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (5; compile adds 3)")
-    p.add_argument("--sample-n", type=int, default=64, help="images per sampling measurement (64)")
+    p.add_argument("--sample-n", type=int, help="images per sampling measurement (64 on CPU, 1000 on GPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["compile", "ddpm1000"],
                    help="leave out slow measurements: compile, ddpm1000 (sampling 1000 steps)")
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data)")
@@ -119,6 +130,7 @@ def main():
     args = p.parse_args()
 
     device = pick_device(args.device)
+    args.sample_n = args.sample_n or (1000 if device.type == "cuda" else 64)
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     values = train.PRESETS[preset]
     model_cfg = UNetConfig(**{k: v for k, v in values.items() if k in UNetConfig.__dataclass_fields__})
@@ -141,16 +153,19 @@ def main():
     print("training")
     plain = plain_rate(model_cfg, cfg, args.data_dir, device, args.steps, args.warmup)
     report("plain: DataLoader + transforms, fp32", plain, train_flops)
+    cuda = device.type == "cuda"
     settings = [("tensor data path, fp32", dict(precision="fp32"), {}),
                 ("tensor data path, fp32, channels_last", dict(precision="fp32"), dict(channels_last=True)),
                 ("tensor data path, bf16 autocast", dict(precision="bf16"), {})]
+    settings += [("tensor data path, fp32, TF32", dict(precision="fp32"), dict(tf32=True))] if cuda else []
     if "compile" not in args.skip:
         settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
                      ("tensor data path, bf16, torch.compile", dict(precision="bf16", compile=True), {})]
     for name, options, extra in settings:
         warmup = args.warmup + (3 if options.get("compile") else 0)
-        report(name, loop_rate(model_cfg, replace(cfg, **options), images, device, args.steps, warmup, **extra),
-               train_flops, plain)
+        with tf32(extra.pop("tf32", False)):
+            rate = loop_rate(model_cfg, replace(cfg, **options), images, device, args.steps, warmup, **extra)
+        report(name, rate, train_flops, plain)
 
     print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, 64 if device.type == 'cpu' else 1000)})")
     model.to(device).eval()

@@ -159,7 +159,7 @@ def logsnr_timesteps(alphas_cumprod, steps):
     sec. 3.3: uniform in lambda suits few-step solvers on low-resolution images). Repeats are dropped."""
     if not 1 <= steps <= len(alphas_cumprod):
         raise ValueError(f"steps must be between 1 and {len(alphas_cumprod)}, got {steps}")
-    abar = alphas_cumprod.double()
+    abar = alphas_cumprod.detach().cpu().double()  # a handful of indices: work on the CPU wherever the buffer is
     log_snr = torch.log(abar / (1 - abar))
     targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
     return (log_snr[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()

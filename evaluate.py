@@ -201,6 +201,8 @@ def build_parser():
     a("--guidance", type=float, default=GUIDANCE, help=f"conditional models: guidance scale w ({GUIDANCE})")
     a("--guidance-sweep", type=float, nargs="+", metavar="W",
       help="conditional models: score each guidance scale, plot FID and accuracy against it")
+    a("--unconditional", action="store_true",
+      help="conditional models: sample with the 'no class' token, as an unconditional model would")
     a("--seed", type=int, default=0, help="seed for generation and for the real-image subset (0)")
     a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
     a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
@@ -237,6 +239,7 @@ def run(args):
     rows = [floor]
     print_table(rows, header=True)
 
+    conditional = conditional and not args.unconditional
     labels = torch.arange(args.n) % 10 if conditional else None  # every class equally often
     if args.sweep:
         runs = [(w, s, k, args.guidance) for w in ("ema", "raw") for s, k in grid]
