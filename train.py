@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
@@ -199,6 +201,42 @@ def make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device):
             "rng": rng_state(device)}
 
 
+# ---------------------------------------------------------------------------- several processes
+
+def start_distributed(device_flag):
+    """(rank, world size, device). Under torchrun (RANK and WORLD_SIZE set) join its process group:
+    NCCL with one GPU per process (cuda:LOCAL_RANK) when CUDA is there, gloo on the CPU otherwise."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, pick_device(device_flag)
+    cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def world():
+    """(rank, world size): (0, 1) for a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def agree_to_stop(reason, device):
+    """reason if this rank wants to stop, else "another process's stop" if any rank does, else None."""
+    flag = torch.tensor([float(reason is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return reason or ("another process's stop" if flag.item() else None)
+
+
+def mean_over_ranks(x):
+    """The average of tensor x over all processes (x itself for one); gloo has no AVG, hence SUM."""
+    if world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world()[1]
+    return x
+
+
 # ---------------------------------------------------------------------------- training
 
 def ema_of(model, decay):
@@ -277,16 +315,26 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
     images: uint8 [N, 28, 28] on device; labels [N] too, used if the model is class-conditional.
     state holds what must survive a restart (step, epoch, per-step loss history), updated in place.
     Always ends with a save(). Returns why it stopped before the planned end, or None.
+
+    Under torchrun each of the W processes takes its own cfg.batch_size slice of a global batch of
+    W * cfg.batch_size, with the global batch's timesteps and noise drawn alike on every rank from the
+    same seed: the W ranks together take exactly the step a single process would take with that batch.
     """
-    steps_per_epoch = len(images) // cfg.batch_size
+    rank, ranks = world()
+    batch = ranks * cfg.batch_size
+    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    say = tqdm.write if rank == 0 else lambda *_: None
+    steps_per_epoch = len(images) // batch
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     autocast = autocast_for(device, cfg.precision)
     net = torch.compile(model) if cfg.compile else model  # same parameters; checkpoints save `model`
+    if ranks > 1:  # averages the gradients over ranks during backward()
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     pending = []  # (step, epoch, loss on the device): read back once per log_every steps, not every step
 
     def flush():
-        values = torch.stack([loss for *_, loss in pending]).tolist() if pending else []
+        values = mean_over_ranks(torch.stack([loss for *_, loss in pending])).tolist() if pending else []
         for (s, _, _), v in zip(pending, values):
             if not math.isfinite(v):
                 raise Diverged(f"the loss became {v} at step {s}")
@@ -301,18 +349,19 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
         save()
 
     step, tick, started, stopped = state["step"], time.time(), time.time(), None
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None if rank == 0 else True)
     model.train()
     with graceful_signals() as signals:
-        tqdm.write(f"training from step {step} to {total}; Ctrl-C stops cleanly with a checkpoint")
+        say(f"training from step {step} to {total}; Ctrl-C stops cleanly with a checkpoint")
         while step < total and not stopped:
             epoch, start = divmod(step, steps_per_epoch)
             epoch_start = time.time()
-            for idx in epoch_batches(len(images), cfg.batch_size, cfg.seed, epoch, device)[start:]:
+            for idx in epoch_batches(len(images), batch, cfg.seed, epoch, device)[start:]:
                 x0 = to_model_range(images[idx])
                 y = drop_labels(labels[idx], cfg.cond_drop, model.config.num_classes) if model.config.num_classes else None
                 t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device)
                 noise = torch.randn_like(x0)
+                x0, t, noise, y = x0[mine], t[mine], noise[mine], y if y is None else y[mine]
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 with autocast:
@@ -329,18 +378,20 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
                 bar.update(1)
                 if step % cfg.log_every == 0:
                     values = flush()
-                    rate = len(values) * cfg.batch_size / (time.time() - tick)
+                    rate = len(values) * batch / (time.time() - tick)
                     bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
                     tick = time.time()
                 if step % cfg.checkpoint_every == 0 and step < total:
                     checked_save()
                 stopped = signals[0] if signals else ("--max-minutes" if time.time() >= deadline else None)
+                if ranks > 1:  # all ranks must stop at the same step; agree where they meet anyway, at a flush
+                    stopped = agree_to_stop(stopped, device) if step % cfg.log_every == 0 else None
                 if step >= total or stopped:
                     break
             flush()
             losses = [v for _, e, v in state["history"] if e == epoch]
-            rate = (step - epoch * steps_per_epoch - start) * cfg.batch_size / (time.time() - epoch_start)
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {sum(losses) / max(1, len(losses)):.4f}, "
+            rate = (step - epoch * steps_per_epoch - start) * batch / (time.time() - epoch_start)
+            say(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {sum(losses) / max(1, len(losses)):.4f}, "
                        f"{rate:.0f} img/s, step {step}/{total}, {(time.time() - started) / 60:.1f} min")
         bar.close()
         checked_save()
@@ -433,32 +484,48 @@ def validate(cfg, n_images=None):
 
 
 def run(args):
-    device = pick_device(args.device)
+    """Train as the flags say; returns (model, ema, state) for whoever called it in-process."""
+    rank, ranks, device = start_distributed(args.device)
+    log = print if rank == 0 else lambda *_: None
     saved = load_checkpoint(args.resume) if args.resume else None
     try:
         model_cfg, diffusion_cfg, cfg, note = resolve_configs(args, device, saved and saved["config"])
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
     validate(cfg)
+    if saved is not None and saved.get("world_size", 1) != ranks:  # the data order and step count depend on it
+        raise UserError(f"--resume: the checkpoint was made by {saved.get('world_size', 1)} process(es); resume it "
+                        f"with as many (torchrun --nproc_per_node), not {ranks}")
     if device.type == "cuda":  # TF32 matmuls for whatever stays in fp32 (autocast covers the rest)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out, ckpt_dir = (check_writable(d, flag) for d, flag in ((args.output_dir, "--output-dir"),
                                                               (args.checkpoint_dir, "--checkpoint-dir")))
+    if rank == 0:  # one process unpacks (or downloads) the data, then the others read it
+        prepare_fashion_mnist(args.data_dir)
+    if ranks > 1:
+        dist.barrier()
     images, labels = load_fashion_mnist(args.data_dir)
-    validate(cfg, len(images))
+    validate(cfg, len(images) // ranks)
 
     model, ema, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device, saved)
-    print(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, "
-          f"{len(images)} images, {cfg.epochs} epochs of {len(images) // cfg.batch_size} steps (batch {cfg.batch_size})\n"
-          f"model {model_cfg}\n{diffusion_cfg}\n{cfg}")
-    if saved is None:
+    log(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, {len(images)} images, "
+        f"{cfg.epochs} epochs of {len(images) // (ranks * cfg.batch_size)} steps\n"
+        f"effective batch {ranks * cfg.batch_size} ({cfg.batch_size} per process x {ranks} process"
+        f"{'es' if ranks > 1 else ''}), learning rate {cfg.lr:g}\nmodel {model_cfg}\n{diffusion_cfg}\n{cfg}")
+    if saved is None and rank == 0:
         firsts = [int((labels == c).nonzero()[0]) for c in (0, 1, 5, 7, 8)]  # T-shirt, trouser, sandal, sneaker, bag
         save_forward_figure(images[firsts], Diffusion(diffusion_cfg), out / "forward_diffusion.png", cfg.seed)
     images = images.to(device)
 
-    save = lambda: save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device), ckpt_dir)
+    def save():
+        if rank == 0:  # every rank holds the same weights
+            save_checkpoint({**make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device),
+                             "world_size": ranks}, ckpt_dir)
+
     started = time.time()
     stopped = train(model, ema, diffusion, optimizer, images, cfg, device, state, save, labels.to(device))
+    if rank > 0:
+        return model, ema, state
     save_loss_history(state["history"], out)
     path = ckpt_dir / "ckpt.pt"
     print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint {path}; "
@@ -466,10 +533,11 @@ def run(args):
     if stopped:
         print(f"stopped early by {stopped}; to continue: python train.py --resume {path}")
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
-        return
+        return model, ema, state
     draw_pictures(ema.module.eval(), diffusion, args.sample_n, out, cfg.seed)
     print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, {diffusion.timesteps} DDPM steps"
           + (", and samples_by_class.png)" if model_cfg.num_classes else ")"))
+    return model, ema, state
 
 
 def main(argv=None):
@@ -487,6 +555,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\naborted; the newest complete checkpoint is in {args.checkpoint_dir}/", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

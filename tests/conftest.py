@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 import subprocess
 import sys
@@ -49,8 +50,14 @@ def tiny_config():
 class CLI:
     """Runs train.py (tiny model, fake data) and sample.py as a user would, in this test's folders."""
 
+    root = ROOT
+
     def __init__(self, tmp_path):
         self.data, self.ckpt, self.out = (tmp_path / name for name in ("data", "ckpt", "out"))
+
+    @property
+    def env(self):
+        return dict(os.environ)
 
     def command(self, script, *args):
         where = (["--data-dir", self.data, "--checkpoint-dir", self.ckpt, *TINY_FLAGS] if script == "train.py"

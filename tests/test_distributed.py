@@ -1,0 +1,57 @@
+"""train.py under torchrun: two CPU processes (gloo) against one process with the same global batch."""
+import subprocess
+import sys
+
+import torch
+
+from sample import load_checkpoint
+
+FLAGS = ["--max-steps", "6", "--log-every", "2", "--checkpoint-every", "4", "--sample-n", "0", "--lr", "3e-3",
+         "--warmup-steps", "1"]
+
+
+def torchrun(cli, out, *flags, processes=2):
+    """Run tests/ddp_worker.py (train.py's run, then each rank's weights to out/rankR.pt) on `processes` CPUs."""
+    out.mkdir(exist_ok=True)
+    command = cli.command("train.py", *FLAGS, *flags)
+    command[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                    str(cli.root / "tests" / "ddp_worker.py"), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cli.root, timeout=600,
+                          env={**cli.env, "PYTHONPATH": str(cli.root), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
+
+
+def test_two_processes_take_the_single_process_steps(cli, tmp_path):
+    stdout, (rank0, rank1) = torchrun(cli, tmp_path / "ddp", "--batch-size", "8", "--checkpoint-dir", tmp_path / "ddp")
+    assert "effective batch 16 (8 per process x 2 processes)" in stdout
+    assert stdout.count("trained to step 6") == 1  # only rank 0 talks
+    for key in ("model", "ema"):
+        for name, a in rank0[key].items():
+            assert torch.equal(a, rank1[key][name]), f"{key} {name} differs between ranks"
+
+    single = cli.run("train.py", *FLAGS, "--batch-size", "16", "--checkpoint-dir", tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    one, two = load_checkpoint(tmp_path / "single"), load_checkpoint(tmp_path / "ddp")
+    assert list(two["model"]) == list(one["model"])  # no "module." prefixes: sample.py reads either
+    assert [s for s, *_ in two["history"]] == [s for s, *_ in one["history"]] == list(range(1, 7))
+    # Same global batch, timesteps and noise: the losses agree up to float summation order (gradients
+    # averaged by all-reduce, convolutions on 1 thread per rank instead of 2).
+    torch.testing.assert_close([v for *_, v in two["history"]], [v for *_, v in one["history"]], rtol=1e-4, atol=0)
+
+    drawn = cli.run("sample.py", "--checkpoint", tmp_path / "ddp", "--n", "4", "--steps", "5")
+    assert drawn.returncode == 0, drawn.stderr
+    assert (cli.out / "samples.png").is_file()
+
+
+def test_resume_under_torchrun_matches_an_uninterrupted_run(cli, tmp_path):
+    _, (straight, _) = torchrun(cli, tmp_path / "a", "--batch-size", "8", "--checkpoint-dir", tmp_path / "a")
+    torchrun(cli, tmp_path / "b", "--batch-size", "8", "--checkpoint-dir", tmp_path / "b", "--max-steps", "3")
+    _, (resumed, _) = torchrun(cli, tmp_path / "b", "--resume", tmp_path / "b" / "ckpt.pt", "--batch-size", "8",
+                               "--checkpoint-dir", tmp_path / "b")
+    for key in ("model", "ema"):
+        for name, a in straight[key].items():
+            assert torch.equal(a, resumed[key][name]), f"{key} {name}"
+
+    alone = cli.run("train.py", "--resume", tmp_path / "b" / "ckpt.pt", "--checkpoint-dir", tmp_path / "b")
+    assert alone.returncode == 2 and "made by 2 process(es)" in alone.stderr, alone.stderr
