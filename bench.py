@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import train
 from diffusion import Diffusion, DiffusionConfig
 from sample import generate, pick_device
@@ -89,9 +90,9 @@ def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
     from torchvision import transforms
 
     torch.manual_seed(cfg.seed)
-    data = torchvision.datasets.FashionMNIST(train.prepare_fashion_mnist(data_dir), train=True, transform=transforms.Compose(
+    dataset = torchvision.datasets.FashionMNIST(data.prepare_fashion_mnist(data_dir), train=True, transform=transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     model, diffusion = UNet(model_cfg).to(device), Diffusion(DiffusionConfig()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     for i, (x0, _) in enumerate(loader):
@@ -135,7 +136,7 @@ def main():
     values = train.PRESETS[preset]
     model_cfg = UNetConfig(**{k: v for k, v in values.items() if k in UNetConfig.__dataclass_fields__})
     cfg = train.TrainConfig(**{k: v for k, v in values.items() if k in train.TrainConfig.__dataclass_fields__})
-    images = train.load_fashion_mnist(args.data_dir)[0].to(device)
+    images = data.load_fashion_mnist(args.data_dir)[0].to(device)
     model, diffusion = UNet(model_cfg), Diffusion(DiffusionConfig())
     train_flops, sample_flops = flops_per_image(model, diffusion)
     peak = matmul_peak(device)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from diffusion import SAMPLERS
 from sample import (CLASSES, GUIDANCE, ArgumentParser, UserError, build_model, check_writable, default_batch_size,
                     generate, load_checkpoint, pick_device)
-from train import atomic_save, load_fashion_mnist, to_model_range
+from data import load_fashion_mnist, to_model_range
+from train import atomic_save
 
 CLASSIFIER_FORMAT = "fashion-mnist-classifier/1"
 GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20", "dpm++:10")

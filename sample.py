@@ -63,9 +63,8 @@ def pick_device(name):
 
 
 def autocast_for(device, precision):
-    """bf16 autocast or nullcontext(), as `precision` asks: fp32, bf16, or auto (bf16 on CUDA GPUs that have it)."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    """bf16 autocast for precision "bf16", else nullcontext(): plain fp32 (TF32 on CUDA, where train.py enables it)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def resolve_checkpoint(path):

@@ -1,6 +1,5 @@
 """train.py under torchrun: two CPU processes (gloo) against one process with the same global batch."""
 import subprocess
-import sys
 
 import torch
 

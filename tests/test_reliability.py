@@ -9,7 +9,6 @@ import torch
 
 import sample
 import train
-from diffusion import DiffusionConfig
 from sample import build_model, load_checkpoint
 
 CPU = torch.device("cpu")
