@@ -218,10 +218,14 @@ def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=No
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callback=None):
+def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callback=None, eta=0.0):
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022: a second-order multistep solver of the
     probability-flow ODE in lambda = log(alpha / sigma), one network evaluation per step, on
     timesteps evenly spaced in lambda.
+
+    eta > 0 mixes in the reverse SDE, as k-diffusion's and diffusers' "DPM-Solver++(2M) SDE" do:
+    x_s = (sigma_s / sigma_t) e^(-eta h) x_t + alpha_s (1 - e^(-(1 + eta) h)) D + sigma_s sqrt(1 - e^(-2 eta h)) z;
+    eta = 0 is the ODE solver, eta = 1 the SDE solver, which forgets its own errors as DDPM does.
     """
     lam = lambda abar: 0.5 * torch.log(abar / (1 - abar))  # log(alpha / sigma), the half log-SNR
     x, previous = noise, None  # previous: (x_0 estimate, step size h) of the step before
@@ -235,7 +239,11 @@ def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callbac
             if previous is not None:
                 r = previous[1] / h
                 d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous[0]
-            x = ((1 - abar_s) / (1 - abar_t)).sqrt() * x - abar_s.sqrt() * torch.expm1(-h) * d
+            x = (((1 - abar_s) / (1 - abar_t)).sqrt() * torch.exp(-eta * h) * x
+                 - abar_s.sqrt() * torch.expm1(-(1 + eta) * h) * d)
+            if eta > 0:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + (1 - abar_s).sqrt() * (-torch.expm1(-2 * eta * h)).sqrt() * z
             previous = (x0, h)
         if callback is not None:
             callback(i, t, x, x0)

@@ -178,14 +178,20 @@ def print_table(rows, header=False):
 
 
 def parse_grid(entries, timesteps):
-    """'sampler:steps' strings -> [(sampler, steps)], checked."""
+    """'sampler:steps' or 'sampler:steps:eta' strings -> [(sampler, steps, eta)], checked."""
     grid = []
     for entry in entries:
-        name, _, steps = entry.partition(":")
-        if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
-            raise UserError(f"--grid entry {entry!r} is not SAMPLER:STEPS with SAMPLER in {sorted(SAMPLERS)} "
-                            f"and STEPS in 1..{timesteps}")
-        grid.append((name, int(steps)))
+        parts = entry.split(":")
+        name, steps, eta = (parts + ["0"])[:3] if len(parts) in (2, 3) else ("", "", "")
+        try:
+            eta = float(eta)
+        except ValueError:
+            eta = -1.0
+        if (name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps
+                or not 0 <= eta <= 1 or (eta and name == "ddpm")):
+            raise UserError(f"--grid entry {entry!r} is not SAMPLER:STEPS[:ETA] with SAMPLER in {sorted(SAMPLERS)}, "
+                            f"STEPS in 1..{timesteps} and ETA in [0, 1] (ddim and dpm++ only)")
+        grid.append((name, int(steps), eta))
     return grid
 
 
@@ -195,6 +201,7 @@ def build_parser():
     a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from (checkpoints)")
     a("--sampler", default="dpm++", choices=sorted(SAMPLERS), help="sampler for a single evaluation (dpm++)")
     a("--steps", type=int, default=20, help="sampler steps for a single evaluation (20)")
+    a("--eta", type=float, default=0.0, help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation (0)")
     a("--n", type=int, default=10000, help="images to generate and score per evaluation (10000)")
     a("--no-ema", action="store_true", help="score the raw weights instead of their moving average")
     a("--sweep", action="store_true", help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
@@ -219,7 +226,7 @@ def run(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     timesteps, conditional = ckpt["config"]["diffusion"]["timesteps"], ckpt["config"]["model"].get("num_classes", 0)
-    grid = parse_grid(args.grid if args.sweep else [f"{args.sampler}:{args.steps}"], timesteps)
+    grid = parse_grid(args.grid if args.sweep else [f"{args.sampler}:{args.steps}:{args.eta:g}"], timesteps)
     if args.guidance_sweep and not conditional:
         raise UserError("--guidance-sweep needs a class-conditional checkpoint (train.py --conditional)")
     if min(args.guidance_sweep or [args.guidance]) < 0:
@@ -243,19 +250,19 @@ def run(args):
     conditional = conditional and not args.unconditional
     labels = torch.arange(args.n) % 10 if conditional else None  # every class equally often
     if args.sweep:
-        runs = [(w, s, k, args.guidance) for w in ("ema", "raw") for s, k in grid]
+        runs = [(w, *entry, args.guidance) for w in ("ema", "raw") for entry in grid]
     else:
         weights = "raw" if args.no_ema else "ema"
         runs = [(weights, *grid[0], g) for g in (args.guidance_sweep or [args.guidance])]
-    for weights, sampler, steps, guidance in runs:
+    for weights, sampler, steps, eta, guidance in runs:
         model, diffusion = build_model(ckpt, device, ema=weights == "ema")
         nfe = []
         started = time.perf_counter()
         images = generate(model, diffusion, args.n, args.seed, sampler, steps, batch_size, labels=labels,
-                          guidance=guidance, callback=lambda i, t, x, x0: nfe.append(1))
+                          guidance=guidance, callback=lambda i, t, x, x0: nfe.append(1), **({"eta": eta} if eta else {}))
         seconds = time.perf_counter() - started
-        name = f"{sampler}-{steps} {weights}" + (f" w={guidance:g}" if conditional else "")
-        row = {"name": name, "sampler": sampler, "steps": steps, "weights": weights, "guidance": guidance,
+        name = f"{sampler}-{steps}{f' eta={eta:g}' if eta else ''} {weights}" + (f" w={guidance:g}" if conditional else "")
+        row = {"name": name, "sampler": sampler, "steps": steps, "eta": eta, "weights": weights, "guidance": guidance,
                "nfe": len(nfe) // math.ceil(args.n / batch_size), "images_per_s": args.n / seconds,
                **score(*embed(classifier, images), reference, labels, test_y)}
         rows.append(row)

@@ -239,7 +239,7 @@ def build_parser():
     a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step")
     a("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="reverse-process sampler")
     a("--steps", type=int, help="network evaluations: timesteps visited, respaced (default: all T)")
-    a("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")
+    a("--eta", type=float, default=0.0, help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (0)")
     a("--batch-size", type=int, help="images generated at once (default: 64 on a CPU, 1000 on a GPU)")
     a("--output-dir", default="output", help="where samples.png (and denoising.png) are written")
     a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
@@ -284,7 +284,7 @@ def run(args):
         if args.trajectory and len(snapshots) < len(marks) and i in marks:
             snapshots.append((f"t = {t}", x[:keep].cpu()))
 
-    options = {"eta": args.eta} if args.sampler == "ddim" else {}
+    options = {"eta": args.eta} if args.sampler in ("ddim", "dpm++") else {}
     images = draw_pictures(model, diffusion, args.n, out, args.seed, label, args.guidance, sampler=args.sampler,
                            steps=args.steps, batch_size=args.batch_size, callback=record, **options)
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if model.config.num_classes and label is None

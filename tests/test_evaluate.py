@@ -81,6 +81,8 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--grid", "ddpm:0"], "is not SAMPLER:STEPS"),
     (["--grid", "euler:10"], "is not SAMPLER:STEPS"),
+    (["--grid", "dpm++:20:2"], "ETA in [0, 1]"),
+    (["--grid", "ddpm:10:1"], "ETA in [0, 1]"),
     (["--n", "1"], "--n must be at least 2"),
     (["--sampler", "euler"], "invalid choice"),
 ])
