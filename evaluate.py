@@ -309,12 +309,14 @@ def plot_sweep(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    label = lambda r: r["sampler"] + (f" eta={r['eta']:g}" if r.get("eta") else "")
+    samplers = sorted({label(r) for r in rows[1:]})
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (sampler, weights), style in zip([(s, w) for w in ("ema", "raw") for s in ("ddpm", "ddim", "dpm++")],
-                                         ["o-", "s-", "^-", "o--", "s--", "^--"]):
-        pts = sorted((r["nfe"], r["fid"]) for r in rows if r.get("sampler") == sampler and r["weights"] == weights)
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"{sampler} ({weights})")
+    for weights, line in (("ema", "-"), ("raw", "--")):
+        for i, name in enumerate(samplers):
+            pts = sorted((r["nfe"], r["fid"]) for r in rows[1:] if label(r) == name and r["weights"] == weights)
+            if pts:
+                ax.plot(*zip(*pts), "os^dv"[i % 5] + line, color=f"C{i}", label=f"{name} ({weights})")
     ax.axhline(rows[0]["fid"], color="gray", ls=":", label="real train images")
     ax.set(xscale="log", xlabel="network evaluations per image (NFE)", ylabel="FID (classifier features)",
            title="Sample quality against sampling cost")
