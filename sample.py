@@ -19,6 +19,11 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 GUIDANCE = 2.0  # default classifier-free guidance scale for conditional models (README, "Guidance")
 FORMAT = "ddpm-fashion-mnist/1"  # stored in every checkpoint; anything else is not ours
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first; see train.save_checkpoint
+# What each sampler does unless told otherwise (README, "Sampling"): DPM-Solver++ in its SDE form
+# (eta = 1) matched 1000-step DDPM's FID in 20 steps, 50x sooner; the ODE samplers did not.
+DEFAULT_SAMPLER = "dpm++"
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20}  # None: all T
+DEFAULT_ETA = {"ddim": 0.0, "dpm++": 1.0}
 
 
 class UserError(Exception):
@@ -115,6 +120,25 @@ def build_model(ckpt, device="cpu", ema=True):
         reason = str(e).strip().splitlines()[0]
         raise UserError(f"checkpoint config does not match its weights: {reason[:200]}") from None
     return model.to(device).eval(), diffusion.to(device)
+
+
+def sampler_settings(sampler, timesteps, steps=None, eta=None):
+    """{sampler, steps, eta} for generate(), with the sampler's defaults for what is None."""
+    if eta is not None and sampler not in DEFAULT_ETA:
+        raise UserError(f"--eta applies to ddim and dpm++, not {sampler}")
+    if eta is not None and not 0 <= eta <= 1:
+        raise UserError(f"--eta must be between 0 (deterministic, ODE) and 1 (ancestral, SDE), got {eta}")
+    if steps is not None and not 1 <= steps <= timesteps:
+        raise UserError(f"--steps must be between 1 and {timesteps}, got {steps}")
+    steps = steps or min(DEFAULT_STEPS[sampler] or timesteps, timesteps)
+    eta = DEFAULT_ETA[sampler] if eta is None and sampler in DEFAULT_ETA else eta
+    return {"sampler": sampler, "steps": steps, **({"eta": eta} if eta is not None else {})}
+
+
+def describe(settings):
+    """'dpm++ sampler, 20 steps, eta 1' for a sampler_settings() dict."""
+    eta = f", eta {settings['eta']:g}" if "eta" in settings else ""
+    return f"{settings['sampler']} sampler, {settings['steps']} steps{eta}"
 
 
 def default_batch_size(device):
@@ -237,9 +261,9 @@ def build_parser():
     a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from")
     a("--n", type=int, default=64, help="number of images to draw")
     a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step")
-    a("--sampler", default="ddpm", choices=sorted(SAMPLERS), help="reverse-process sampler")
-    a("--steps", type=int, help="network evaluations: timesteps visited, respaced (default: all T)")
-    a("--eta", type=float, default=0.0, help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (0)")
+    a("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS), help="reverse-process sampler")
+    a("--steps", type=int, help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20)")
+    a("--eta", type=float, help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (ddim: 0, dpm++: 1)")
     a("--batch-size", type=int, help="images generated at once (default: 64 on a CPU, 1000 on a GPU)")
     a("--output-dir", default="output", help="where samples.png (and denoising.png) are written")
     a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
@@ -257,8 +281,6 @@ def run(args):
         raise UserError(f"--n must be a positive number of images, got {args.n}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    if not 0 <= args.eta <= 1:
-        raise UserError(f"--eta must be between 0 (deterministic DDIM) and 1 (ancestral), got {args.eta}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
@@ -268,25 +290,23 @@ def run(args):
                         "(train one with `python train.py --conditional`)")
     if args.guidance < 0:
         raise UserError(f"--guidance must be 0 (conditional model alone) or more, got {args.guidance}")
-    if args.steps is not None and not 1 <= args.steps <= diffusion.timesteps:
-        raise UserError(f"--steps must be between 1 and {diffusion.timesteps}, got {args.steps}")
+    settings = sampler_settings(args.sampler, diffusion.timesteps, args.steps, args.eta)
     out = check_writable(args.output_dir, "--output-dir")
     if args.save_npz:
         check_writable(Path(args.save_npz).parent, "--save-npz")
-    print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights), {args.sampler} sampler, "
-          f"{args.steps or diffusion.timesteps} steps, {args.n} images on {device}")
+    print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights), {describe(settings)}, "
+          f"{args.n} images on {device}")
 
     snapshots, keep = [], 8  # trajectory: the first `keep` images at ~10 points of the reverse process
-    steps = args.steps or diffusion.timesteps
+    steps = settings["steps"]
     marks = set(np.linspace(0, steps - 1, 10).round().astype(int).tolist())
 
     def record(i, t, x, x0):
         if args.trajectory and len(snapshots) < len(marks) and i in marks:
             snapshots.append((f"t = {t}", x[:keep].cpu()))
 
-    options = {"eta": args.eta} if args.sampler in ("ddim", "dpm++") else {}
-    images = draw_pictures(model, diffusion, args.n, out, args.seed, label, args.guidance, sampler=args.sampler,
-                           steps=args.steps, batch_size=args.batch_size, callback=record, **options)
+    images = draw_pictures(model, diffusion, args.n, out, args.seed, label, args.guidance,
+                           batch_size=args.batch_size, callback=record, **settings)
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if model.config.num_classes and label is None
                                              else ""))
     if args.trajectory:

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from data import epoch_batches, load_fashion_mnist, prepare_fashion_mnist, to_model_range
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
-from sample import (FORMAT, ArgumentParser, UserError, autocast_for, check_writable, draw_pictures, load_checkpoint,
-                    pick_device, save_labelled)
+from sample import (DEFAULT_SAMPLER, FORMAT, ArgumentParser, UserError, autocast_for, check_writable, describe,
+                    draw_pictures, load_checkpoint, pick_device, sampler_settings, save_labelled)
 from unet import UNet, UNetConfig, count_parameters
 
 # Presets fill in every flag the user did not give. The cpu one is sized to finish in about
@@ -465,8 +465,9 @@ def run(args):
         print(f"stopped early by {stopped}; to continue: python train.py --resume {path}")
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
         return model, ema, state
-    draw_pictures(ema.module.eval(), diffusion, args.sample_n, out, cfg.seed)
-    print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, {diffusion.timesteps} DDPM steps"
+    settings = sampler_settings(DEFAULT_SAMPLER, diffusion.timesteps)
+    draw_pictures(ema.module.eval(), diffusion, args.sample_n, out, cfg.seed, **settings)
+    print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, {describe(settings)}"
           + (", and samples_by_class.png)" if model_cfg.num_classes else ")"))
     return model, ema, state
 

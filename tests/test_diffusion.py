@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from diffusion import SAMPLERS, Diffusion, DiffusionConfig, logsnr_timesteps, make_betas, spaced_timesteps
+from sample import sampler_settings
 from unet import UNet
 
 
@@ -204,3 +205,14 @@ def test_sampler_callback_sees_every_step(name, tiny_config):
     SAMPLERS[name](model, d, torch.randn(1, 1, 28, 28), 7, callback=lambda i, t, x, x0: seen.append((i, t)))
     ts = logsnr_timesteps(d.alphas_cumprod, 7) if name == "dpm++" else spaced_timesteps(100, 7)
     assert seen == list(enumerate(ts.tolist()))
+
+
+@pytest.mark.parametrize("sampler, timesteps, steps, eta, expected", [
+    ("dpm++", 1000, None, None, {"sampler": "dpm++", "steps": 20, "eta": 1.0}),
+    ("ddim", 1000, None, None, {"sampler": "ddim", "steps": 50, "eta": 0.0}),
+    ("ddpm", 1000, None, None, {"sampler": "ddpm", "steps": 1000}),
+    ("dpm++", 10, None, None, {"sampler": "dpm++", "steps": 10, "eta": 1.0}),  # never more steps than T
+    ("dpm++", 1000, 7, 0.0, {"sampler": "dpm++", "steps": 7, "eta": 0.0}),  # given values win
+])
+def test_sampler_defaults(sampler, timesteps, steps, eta, expected):
+    assert sampler_settings(sampler, timesteps, steps, eta) == expected

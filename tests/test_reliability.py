@@ -212,6 +212,7 @@ def test_sample_refuses_every_bad_checkpoint_and_overwrites_nothing(tmp_path, go
     (["--n", "-3"], "--n must be a positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--sampler", "ddim", "--eta", "-0.5"], "--eta must be between 0"),
+    (["--sampler", "ddpm", "--eta", "1"], "--eta applies to ddim and dpm++"),
     (["--device", "tpu9"], "not a torch device"),
 ])
 def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
