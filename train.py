@@ -139,7 +139,12 @@ def start_distributed(device_flag):
     NCCL with one GPU per process (cuda:LOCAL_RANK) when CUDA is there, gloo on the CPU otherwise."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, pick_device(device_flag)
-    cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
+    if device_flag not in ("auto", "cuda", "cpu"):
+        raise UserError(f"under torchrun each process takes the GPU of its LOCAL_RANK: give --device auto, cuda "
+                        f"or cpu, not {device_flag} (CUDA_VISIBLE_DEVICES picks the GPUs)")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA device here")
+    cuda = device_flag != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -3,6 +3,7 @@ import subprocess
 
 import torch
 
+import train
 from sample import load_checkpoint
 
 FLAGS = ["--max-steps", "6", "--log-every", "2", "--checkpoint-every", "4", "--sample-n", "0", "--lr", "3e-3",
@@ -54,3 +55,10 @@ def test_resume_under_torchrun_matches_an_uninterrupted_run(cli, tmp_path):
 
     alone = cli.run("train.py", "--resume", tmp_path / "b" / "ckpt.pt", "--checkpoint-dir", tmp_path / "b")
     assert alone.returncode == 2 and "made by 2 process(es)" in alone.stderr, alone.stderr
+
+
+def test_a_fixed_device_under_torchrun_is_refused(cli, monkeypatch, fails):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = fails(train, ["--device", "cuda:1", "--data-dir", cli.data, "--checkpoint-dir", cli.ckpt])
+    assert "LOCAL_RANK" in err and "cuda:1" in err
+    assert not cli.ckpt.exists()
