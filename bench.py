@@ -90,8 +90,8 @@ def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
     from torchvision import transforms
 
     torch.manual_seed(cfg.seed)
-    dataset = torchvision.datasets.FashionMNIST(data.prepare_fashion_mnist(data_dir), train=True, transform=transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    dataset = torchvision.datasets.FashionMNIST(data.prepare_fashion_mnist(data_dir), train=True, transform=to_tensor)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     model, diffusion = UNet(model_cfg).to(device), Diffusion(DiffusionConfig()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -124,8 +124,8 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (5; compile adds 3)")
     p.add_argument("--sample-n", type=int, help="images per sampling measurement (64 on CPU, 1000 on GPU)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["compile", "ddpm1000"],
-                   help="leave out slow measurements: compile, ddpm1000 (sampling 1000 steps)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["compile", "ddpm1000", "training"],
+                   help="leave out measurements: compile, ddpm1000 (sampling 1000 steps), training (all of it)")
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data)")
     p.add_argument("--json", default="output/bench.json", help="where to write the results (output/bench.json)")
     args = p.parse_args()
@@ -151,22 +151,23 @@ def main():
         extra = f"  {rate / baseline:.2f}x the plain path" if baseline else ""
         print(f"  {name:<44}{rate:>9.1f} img/s  {rate * flops / 1e9 / peak:6.1%} of peak{extra}", flush=True)
 
-    print("training")
-    plain = plain_rate(model_cfg, cfg, args.data_dir, device, args.steps, args.warmup)
-    report("plain: DataLoader + transforms, fp32", plain, train_flops)
-    cuda = device.type == "cuda"
-    settings = [("tensor data path, fp32", dict(precision="fp32"), {}),
-                ("tensor data path, fp32, channels_last", dict(precision="fp32"), dict(channels_last=True)),
-                ("tensor data path, bf16 autocast", dict(precision="bf16"), {})]
-    settings += [("tensor data path, fp32, TF32", dict(precision="fp32"), dict(tf32=True))] if cuda else []
-    if "compile" not in args.skip:
-        settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
-                     ("tensor data path, bf16, torch.compile", dict(precision="bf16", compile=True), {})]
-    for name, options, extra in settings:
-        warmup = args.warmup + (3 if options.get("compile") else 0)
-        with tf32(extra.pop("tf32", False)):
-            rate = loop_rate(model_cfg, replace(cfg, **options), images, device, args.steps, warmup, **extra)
-        report(name, rate, train_flops, plain)
+    if "training" not in args.skip:
+        print("training")
+        plain = plain_rate(model_cfg, cfg, args.data_dir, device, args.steps, args.warmup)
+        report("plain: DataLoader + transforms, fp32", plain, train_flops)
+        cuda = device.type == "cuda"
+        settings = [("tensor data path, fp32", dict(precision="fp32"), {}),
+                    ("tensor data path, fp32, channels_last", dict(precision="fp32"), dict(channels_last=True)),
+                    ("tensor data path, bf16 autocast", dict(precision="bf16"), {})]
+        settings += [("tensor data path, fp32, TF32", dict(precision="fp32"), dict(tf32=True))] if cuda else []
+        if "compile" not in args.skip:
+            settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
+                         ("tensor data path, bf16, torch.compile", dict(precision="bf16", compile=True), {})]
+        for name, options, extra in settings:
+            warmup = args.warmup + (3 if options.get("compile") else 0)
+            with tf32(extra.pop("tf32", False)):
+                rate = loop_rate(model_cfg, replace(cfg, **options), images, device, args.steps, warmup, **extra)
+            report(name, rate, train_flops, plain)
 
     print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, 64 if device.type == 'cpu' else 1000)})")
     model.to(device).eval()
@@ -181,6 +182,13 @@ def main():
                          "fraction_of_peak": rate * steps * sample_flops / 1e9 / peak})
             print(f"  {sampler + '-' + str(steps) + ' ' + precision:<44}{rate:>9.2f} img/s  "
                   f"{rows[-1]['fraction_of_peak']:6.1%} of peak", flush=True)
+
+    # The samplers run under torch.no_grad; inference_mode also skips autograd's version counters.
+    for mode, context in (("no_grad", contextlib.nullcontext), ("inference_mode", torch.inference_mode)) * 2:
+        with context():
+            rate = sample_rate(model, diffusion, "dpm++", 20, args.sample_n, "fp32")
+        rows.append({"setting": f"sample dpm++-20 fp32 {mode}", "images_per_s": rate})
+        print(f"  {'dpm++-20 fp32 under ' + mode:<44}{rate:>9.2f} img/s", flush=True)
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
