@@ -129,7 +129,7 @@ def make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device):
             "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
             "step": state["step"], "epoch": state["epoch"], "history": state["history"],
             "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(), "train": asdict(cfg)},
-            "rng": rng_state(device)}
+            "rng": rng_state(device), "world_size": world()[1]}  # data order and steps depend on the process count
 
 
 # ---------------------------------------------------------------------------- several processes
@@ -455,8 +455,7 @@ def run(args):
 
     def save():
         if rank == 0:  # every rank holds the same weights
-            save_checkpoint({**make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device),
-                             "world_size": ranks}, ckpt_dir)
+            save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg, state, device), ckpt_dir)
 
     started = time.time()
     stopped = train(model, ema, diffusion, optimizer, images, cfg, device, state, save, labels.to(device))
