@@ -18,8 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion import SAMPLERS
-from sample import (CLASSES, GUIDANCE, ArgumentParser, UserError, build_model, check_writable, default_batch_size,
-                    generate, load_checkpoint, pick_device)
+from sample import (CLASSES, DEFAULT_ETA, GUIDANCE, ArgumentParser, UserError, build_model, check_writable,
+                    default_batch_size, generate, load_checkpoint, pick_device, sampler_settings)
 from data import load_fashion_mnist, to_model_range
 from train import atomic_save
 
@@ -178,19 +178,19 @@ def print_table(rows, header=False):
 
 
 def parse_grid(entries, timesteps):
-    """'sampler:steps' or 'sampler:steps:eta' strings -> [(sampler, steps, eta)], checked."""
+    """'sampler:steps' or 'sampler:steps:eta' strings (eta 0 unless given) -> [(sampler, steps, eta)], checked
+    by sample.sampler_settings, the rules sample.py applies to its flags."""
     grid = []
     for entry in entries:
-        parts = entry.split(":")
-        name, steps, eta = (parts + ["0"])[:3] if len(parts) in (2, 3) else ("", "", "")
         try:
-            eta = float(eta)
-        except ValueError:
-            eta = -1.0
-        if (name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps
-                or not 0 <= eta <= 1 or (eta and name == "ddpm")):
+            name, steps, *rest = entry.split(":")
+            if name not in SAMPLERS or not steps.isdigit() or len(rest) > 1:
+                raise ValueError
+            eta = float(rest[0]) if rest else 0.0
+            sampler_settings(name, timesteps, int(steps), eta if eta or name in DEFAULT_ETA else None)
+        except (ValueError, UserError):
             raise UserError(f"--grid entry {entry!r} is not SAMPLER:STEPS[:ETA] with SAMPLER in {sorted(SAMPLERS)}, "
-                            f"STEPS in 1..{timesteps} and ETA in [0, 1] (ddim and dpm++ only)")
+                            f"STEPS in 1..{timesteps} and ETA in [0, 1] (ddim and dpm++ only)") from None
         grid.append((name, int(steps), eta))
     return grid
 
@@ -254,8 +254,9 @@ def run(args):
     else:
         weights = "raw" if args.no_ema else "ema"
         runs = [(weights, *grid[0], g) for g in (args.guidance_sweep or [args.guidance])]
+    models = {weights: build_model(ckpt, device, ema=weights == "ema") for weights, *_ in runs}
     for weights, sampler, steps, eta, guidance in runs:
-        model, diffusion = build_model(ckpt, device, ema=weights == "ema")
+        model, diffusion = models[weights]
         nfe = []
         started = time.perf_counter()
         images = generate(model, diffusion, args.n, args.seed, sampler, steps, batch_size, labels=labels,
