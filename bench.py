@@ -18,8 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
+from cli import pick_device, tf32
 from diffusion import Diffusion, DiffusionConfig
-from sample import generate, pick_device
+from sample import generate
 from unet import UNet, UNetConfig
 
 
@@ -55,17 +56,6 @@ def flops_per_image(model, diffusion, batch=16):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t)
     return train_flops, counter.get_total_flops() / batch
-
-
-@contextlib.contextmanager
-def tf32(enabled):
-    """TF32 for CUDA matmuls and convolutions on or off (train.py turns it on), restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def loop_rate(model_cfg, cfg, images, device, steps, warmup, channels_last=False):

@@ -1,15 +1,19 @@
-"""Fashion-MNIST: found on disk (or downloaded once), kept as one uint8 tensor, shuffled by (seed, epoch)."""
+"""Fashion-MNIST: found on disk (or downloaded once), checked, kept as one uint8 tensor, shuffled by (seed, epoch)."""
 import contextlib
 import gzip
 import io
 import os
 import shutil
+import tempfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from sample import UserError
+from cli import UserError
 
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -23,15 +27,28 @@ def _find_idx_files(folder):
     return None
 
 
+def _copy(src, dst):
+    """Copy src (decompressing a .gz) to dst through a uniquely named temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(f, out)
+        os.replace(tmp, dst)
+    except (OSError, EOFError, zlib.error) as e:
+        os.remove(tmp)
+        raise UserError(f"cannot read {src} ({e.strerror if isinstance(e, OSError) and e.strerror else e}): it is "
+                        f"damaged; get a fresh copy (apt-get install --reinstall dataset-fashion-mnist)") from None
+
+
 def prepare_fashion_mnist(data_dir):
     """Make sure data_dir/FashionMNIST/raw holds the uncompressed IDX files; return data_dir.
 
     Looks in data_dir, then $FASHION_MNIST_DIR, then Debian's dataset-fashion-mnist package,
     then asks torchvision to download. Found files are copied (decompressed) into data_dir once.
     """
-    import torchvision
-
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is a file, not a folder; point --data-dir at a folder (default: data)")
     raw = data_dir / "FashionMNIST" / "raw"
     if all((raw / n).is_file() for n in IDX_FILES):
         return data_dir
@@ -40,13 +57,12 @@ def prepare_fashion_mnist(data_dir):
         if files:
             raw.mkdir(parents=True, exist_ok=True)
             for name, src in zip(IDX_FILES, files):
-                tmp = raw / f"{name}.tmp"
-                with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f, open(tmp, "wb") as out:
-                    shutil.copyfileobj(f, out)
-                os.replace(tmp, raw / name)
+                if src != raw / name:
+                    _copy(src, raw / name)
             return data_dir
     print(f"Fashion-MNIST not found locally; downloading it with torchvision into {data_dir}/")
     try:
+        import torchvision
         with contextlib.redirect_stdout(io.StringIO()):  # its per-mirror chatter; a failure is reported below
             torchvision.datasets.FashionMNIST(data_dir, download=True)
         return data_dir
@@ -57,12 +73,32 @@ def prepare_fashion_mnist(data_dir):
             f"{raw}/ or point $FASHION_MNIST_DIR at them; or rerun with internet access.") from None
 
 
+def read_idx(path, ndim):
+    """A uint8 IDX file (the MNIST format: a 4-byte magic, big-endian sizes, the bytes) as a tensor,
+    checked so that a truncated or foreign file is one line naming it, not a traceback later."""
+    raw = Path(path).read_bytes()
+    header = 4 + 4 * ndim
+    fix = f"delete {path} and run again to copy it afresh"
+    if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise UserError(f"{path} is not a uint8 IDX file with {ndim} dimension(s) (damaged?); {fix}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + int(np.prod(shape)):
+        raise UserError(f"{path} is damaged: its header promises {shape} but it holds {len(raw) - header} bytes "
+                        f"of data; {fix}")
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy())
+
+
 def load_fashion_mnist(data_dir, train=True):
     """Images as one uint8 tensor [N, 28, 28] and labels [N], straight from the IDX files."""
-    import torchvision
-
-    ds = torchvision.datasets.FashionMNIST(prepare_fashion_mnist(data_dir), train=train)
-    return ds.data, ds.targets
+    raw = prepare_fashion_mnist(data_dir) / "FashionMNIST" / "raw"
+    images_file, labels_file = (raw / name for name in (IDX_FILES[:2] if train else IDX_FILES[2:]))
+    images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
+    if images.shape[1:] != (28, 28):
+        raise UserError(f"{images_file} holds {tuple(images.shape[1:])} images, not 28x28; is it Fashion-MNIST?")
+    if len(images) != len(labels) or not len(labels) or labels.max() >= len(CLASSES):
+        raise UserError(f"{labels_file} does not match {images_file} ({len(labels)} labels, each to be 0-9, for "
+                        f"{len(images)} images); delete both and run again to copy them afresh")
+    return images, labels.long()
 
 
 def to_model_range(images_uint8):

@@ -34,6 +34,12 @@ class DiffusionConfig:
     def to_dict(self):
         return asdict(self)
 
+    def loss_name(self):
+        """What the training loss is, for plots: L_simple is Ho et al.'s unweighted eps MSE only."""
+        if self.min_snr_gamma:
+            return f"{self.prediction} MSE, min-SNR-{self.min_snr_gamma:g} weighted"
+        return "L_simple, eps MSE" if self.prediction == "eps" else "v MSE"
+
 
 def linear_betas(timesteps, max_beta=0.999):
     """Linear betas of Ho et al. 2020 (1e-4 .. 0.02 at T=1000), rescaled so other T match: [T] float64.
@@ -154,15 +160,31 @@ def spaced_timesteps(timesteps, steps):
     return torch.linspace(timesteps - 1, 0, steps).round().long().unique_consecutive()
 
 
+LAMBDA_MIN = -5.1  # half log-SNR below which no step is spent: diffusers' lambda_min_clipped for the cosine schedule
+
+
 def logsnr_timesteps(alphas_cumprod, steps):
-    """Timesteps nearest to `steps` values evenly spaced in log-SNR, from T-1 down to 0 (Lu et al. 2022,
-    sec. 3.3: uniform in lambda suits few-step solvers on low-resolution images). Repeats are dropped."""
-    if not 1 <= steps <= len(alphas_cumprod):
-        raise ValueError(f"steps must be between 1 and {len(alphas_cumprod)}, got {steps}")
+    """`steps` distinct timesteps from T-1 down to 0, nearest to values evenly spaced in log-SNR (Lu et al.
+    2022, sec. 3.3: uniform in lambda suits few-step solvers on low-resolution images): [steps].
+
+    The spacing starts at the noisiest timestep whose half log-SNR is at least LAMBDA_MIN, the first step
+    jumping there from T-1: the cosine schedule's clipped end plunges to -10 over its last few timesteps,
+    where even spacing would stack several steps on pure noise (DPM-Solver truncates it likewise); the
+    linear schedule ends at -5.06 and is not cut. Where two steps would still share a timestep (many
+    steps, or the steep clean end), the noisier one moves up to the next free timestep.
+    """
+    T = len(alphas_cumprod)
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be between 1 and {T}, got {steps}")
     abar = alphas_cumprod.detach().cpu().double()  # a handful of indices: work on the CPU wherever the buffer is
     log_snr = torch.log(abar / (1 - abar))
-    targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), steps, dtype=torch.float64)
-    return (log_snr[None, :] - targets[:, None]).abs().argmin(1).unique_consecutive()
+    start = int((log_snr >= 2 * LAMBDA_MIN).nonzero().max()) if log_snr[0] >= 2 * LAMBDA_MIN else T - 1
+    targets = torch.linspace(log_snr[start].item(), log_snr[0].item(), steps, dtype=torch.float64)
+    nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(1).tolist()
+    ts = [T - 1] + [0] * (steps - 1)
+    for i in range(steps - 1, 0, -1):  # from the clean end: each at least one above the next, room kept above
+        ts[i] = min(max(nearest[i], ts[i + 1] + 1 if i + 1 < steps else 0), T - 1 - i)
+    return torch.tensor(ts)
 
 
 def _schedule(diffusion, steps, spacing="time"):

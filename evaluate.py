@@ -6,25 +6,27 @@ KID and precision/recall, and the classifier's predicted classes show whether an
 missing. Real train images scored the same way give the floor a perfect generator would reach.
 """
 import argparse
+import hashlib
 import json
-import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from checkpoint import atomic_save, atomic_write, build_model, load_checkpoint
+from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, check, check_writable, pick_device,
+                 run_command, sampler_settings)
+from data import CLASSES, load_fashion_mnist, to_model_range
 from diffusion import SAMPLERS
-from sample import (CLASSES, DEFAULT_ETA, GUIDANCE, ArgumentParser, UserError, build_model, check_writable,
-                    default_batch_size, generate, load_checkpoint, pick_device, sampler_settings)
-from data import load_fashion_mnist, to_model_range
-from train import atomic_save
+from figures import plot_guidance, plot_sweep
+from sample import generate
 
-CLASSIFIER_FORMAT = "fashion-mnist-classifier/1"
-GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20", "dpm++:10")
+CLASSIFIER_FORMAT = "fashion-mnist-classifier/2"
+CLASSIFIER_SETTINGS = {"epochs": 5, "seed": 0, "batch_size": 128, "lr": 3e-3, "features": 128}
+# ETA left out: the sampler's default, what sample.py draws with (dpm++: 1, the SDE form; ddim: 0).
+GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20:0", "dpm++:10:0", "dpm++:20", "dpm++:10")
 
 
 class Classifier(nn.Module):
@@ -47,18 +49,18 @@ class Classifier(nn.Module):
         return f, self.head(f)
 
 
-def train_classifier(images, labels, test_images, test_labels, epochs=5, seed=0, device="cpu"):
+def train_classifier(images, labels, test_images, test_labels, epochs, seed, batch_size, lr, features, device="cpu"):
     """Adam with a one-cycle learning rate and random 2-pixel shifts; returns (model, test accuracy)."""
     torch.manual_seed(seed)
-    model = Classifier().to(device)
-    steps_per_epoch = len(images) // 128
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
+    model = Classifier(features).to(device)
+    steps_per_epoch = len(images) // batch_size
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc="training the evaluation classifier", disable=None)
     for _ in range(epochs):
         model.train()
-        for idx in torch.randperm(len(images), generator=g)[: steps_per_epoch * 128].view(-1, 128):
+        for idx in torch.randperm(len(images), generator=g)[: steps_per_epoch * batch_size].view(-1, batch_size):
             x = to_model_range(images[idx]).to(device)
             dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()  # the same shift for the whole batch
             x = torch.roll(x, (dy, dx), dims=(2, 3))
@@ -82,19 +84,31 @@ def embed(model, x, batch_size=500):
     return torch.cat([f for f, _ in out]).cpu(), torch.cat([lg for _, lg in out]).cpu()
 
 
-def load_classifier(checkpoint_dir, data_dir, device):
-    """The cached classifier, or a new one trained (about 5 minutes on 2 CPU cores) and cached."""
-    path = Path(checkpoint_dir) / "classifier.pt"
+def fingerprint(*tensors):
+    """A short hash of the tensors' bytes: which data a classifier was trained and tested on."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_classifier(path, train_x, train_y, test_x, test_y, device):
+    """The classifier cached at path if it was trained on this data with these settings, else a new one
+    trained (about 5 minutes on 2 CPU cores) and cached; a damaged or stale cache is said and replaced."""
+    key = {"format": CLASSIFIER_FORMAT, "data": fingerprint(train_x, train_y, test_x, test_y), **CLASSIFIER_SETTINGS}
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("format") == CLASSIFIER_FORMAT:
-            model = Classifier()
-            model.load_state_dict(saved["model"])
-            return model.to(device).eval(), saved["test_accuracy"]
-    train_x, train_y = load_fashion_mnist(data_dir)
-    test_x, test_y = load_fashion_mnist(data_dir, train=False)
-    model, accuracy = train_classifier(train_x, train_y, test_x, test_y, device=device)
-    atomic_save({"format": CLASSIFIER_FORMAT, "model": model.state_dict(), "test_accuracy": accuracy}, path)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                model = Classifier(CLASSIFIER_SETTINGS["features"])
+                model.load_state_dict(saved["model"])
+                return model.to(device).eval(), saved["test_accuracy"]
+            print(f"{path} was trained on other data or settings; training a new one")
+        except Exception as e:  # truncated, garbage, foreign: the cache is only a cache
+            print(f"{path} is damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0][:100]}); "
+                  f"training a new one")
+    model, accuracy = train_classifier(train_x, train_y, test_x, test_y, device=device, **CLASSIFIER_SETTINGS)
+    atomic_save({"key": key, "model": model.state_dict(), "test_accuracy": accuracy}, path)
     print(f"trained the evaluation classifier: test accuracy {accuracy:.2%}; cached in {path}")
     return model, accuracy
 
@@ -178,20 +192,18 @@ def print_table(rows, header=False):
 
 
 def parse_grid(entries, timesteps):
-    """'sampler:steps' or 'sampler:steps:eta' strings (eta 0 unless given) -> [(sampler, steps, eta)], checked
-    by sample.sampler_settings, the rules sample.py applies to its flags."""
+    """'SAMPLER:STEPS[:ETA]' strings -> sampler_settings() dicts, checked by the rules sample.py applies to
+    its flags; a left-out ETA is the sampler's default, as in sample.py."""
     grid = []
     for entry in entries:
         try:
             name, steps, *rest = entry.split(":")
             if name not in SAMPLERS or not steps.isdigit() or len(rest) > 1:
                 raise ValueError
-            eta = float(rest[0]) if rest else 0.0
-            sampler_settings(name, timesteps, int(steps), eta if eta or name in DEFAULT_ETA else None)
+            grid.append(sampler_settings(name, timesteps, int(steps), float(rest[0]) if rest else None))
         except (ValueError, UserError):
             raise UserError(f"--grid entry {entry!r} is not SAMPLER:STEPS[:ETA] with SAMPLER in {sorted(SAMPLERS)}, "
                             f"STEPS in 1..{timesteps} and ETA in [0, 1] (ddim and dpm++ only)") from None
-        grid.append((name, int(steps), eta))
     return grid
 
 
@@ -199,14 +211,15 @@ def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from (checkpoints)")
-    a("--sampler", default="dpm++", choices=sorted(SAMPLERS), help="sampler for a single evaluation (dpm++)")
-    a("--steps", type=int, default=20, help="sampler steps for a single evaluation (20)")
-    a("--eta", type=float, default=0.0, help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation (0)")
+    a("--sampler", choices=sorted(SAMPLERS), help=f"sampler for a single evaluation ({DEFAULT_SAMPLER})")
+    a("--steps", type=int, help="sampler steps for a single evaluation (the sampler's default, as in sample.py)")
+    a("--eta", type=float, help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation "
+                                "(the sampler's default, as in sample.py: dpm++ 1, ddim 0)")
     a("--n", type=int, default=10000, help="images to generate and score per evaluation (10000)")
     a("--no-ema", action="store_true", help="score the raw weights instead of their moving average")
     a("--sweep", action="store_true", help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
-    a("--grid", nargs="+", default=list(GRID), help=f"SAMPLER:STEPS entries for --sweep ({' '.join(GRID)})")
-    a("--guidance", type=float, default=GUIDANCE, help=f"conditional models: guidance scale w ({GUIDANCE})")
+    a("--grid", nargs="+", help=f"SAMPLER:STEPS[:ETA] entries for --sweep ({' '.join(GRID)})")
+    a("--guidance", type=float, help=f"conditional models: guidance scale w ({GUIDANCE:g})")
     a("--guidance-sweep", type=float, nargs="+", metavar="W",
       help="conditional models: score each guidance scale, plot FID and accuracy against it")
     a("--unconditional", action="store_true",
@@ -220,25 +233,40 @@ def build_parser():
     return p
 
 
+def plan(args, timesteps, conditional):
+    """[(weights, sampler settings, guidance)] to score, after refusing flags that would be ignored."""
+    single = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "no_ema") if getattr(args, k)
+              not in (None, False)]
+    check(not (args.sweep and single), f"--sweep scores every --grid entry with both weights: drop {', '.join(single)}")
+    check(args.sweep or args.grid is None, "--grid lists what --sweep scores: add --sweep, or drop --grid")
+    check(not (args.sweep and args.guidance_sweep), "--sweep and --guidance-sweep are separate evaluations: give one")
+    check(conditional or (args.guidance is None and not args.guidance_sweep and not args.unconditional),
+          "--guidance, --guidance-sweep and --unconditional need a class-conditional checkpoint (train.py --conditional)")
+    check(not (args.unconditional and (args.guidance is not None or args.guidance_sweep)),
+          "--unconditional samples with no class, where guidance has nothing to steer: drop the guidance flag")
+    check(min(args.guidance_sweep or [args.guidance or 0]) >= 0, "guidance scales must be 0 or more")
+    guidance = GUIDANCE if args.guidance is None else args.guidance
+    if args.sweep:
+        return [(w, settings, guidance) for w in ("ema", "raw") for settings in parse_grid(args.grid or GRID, timesteps)]
+    settings = sampler_settings(args.sampler or DEFAULT_SAMPLER, timesteps, args.steps, args.eta)
+    return [("raw" if args.no_ema else "ema", settings, w) for w in (args.guidance_sweep or [guidance])]
+
+
 def run(args):
-    if args.n < 2:
-        raise UserError(f"--n must be at least 2 (a covariance needs two images), got {args.n}")
+    check(args.n >= 2, f"--n must be at least 2 (a covariance needs two images), got {args.n}")
+    check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    timesteps, conditional = ckpt["config"]["diffusion"]["timesteps"], ckpt["config"]["model"].get("num_classes", 0)
-    grid = parse_grid(args.grid if args.sweep else [f"{args.sampler}:{args.steps}:{args.eta:g}"], timesteps)
-    if args.guidance_sweep and not conditional:
-        raise UserError("--guidance-sweep needs a class-conditional checkpoint (train.py --conditional)")
-    if min(args.guidance_sweep or [args.guidance]) < 0:
-        raise UserError("guidance scales must be 0 or more")
-    out = check_writable(args.output_dir, "--output-dir")
-    batch_size = args.batch_size or default_batch_size(device)
-    classifier, accuracy = load_classifier(args.classifier_dir, args.data_dir, device)
+    conditional = ckpt["config"]["model"].get("num_classes", 0) > 0
+    runs = plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional)
+    models = {weights: build_model(ckpt, device, ema=weights == "ema") for weights, *_ in runs}
+    out, classifier_dir = check_writable(args.output_dir, "--output-dir"), check_writable(args.classifier_dir,
+                                                                                         "--classifier-dir")
+    (train_x, train_y), (test_x, test_y) = load_fashion_mnist(args.data_dir), load_fashion_mnist(args.data_dir, False)
+    classifier, accuracy = load_classifier(classifier_dir / "classifier.pt", train_x, train_y, test_x, test_y, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
 
-    test_x, test_y = load_fashion_mnist(args.data_dir, train=False)
     reference, _ = embed(classifier, to_model_range(test_x))
-    train_x, train_y = load_fashion_mnist(args.data_dir)
     subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
     started = time.perf_counter()
     floor = {"name": "real train images", **score(*embed(classifier, to_model_range(train_x[subset])), reference,
@@ -249,30 +277,24 @@ def run(args):
 
     conditional = conditional and not args.unconditional
     labels = torch.arange(args.n) % 10 if conditional else None  # every class equally often
-    if args.sweep:
-        runs = [(w, *entry, args.guidance) for w in ("ema", "raw") for entry in grid]
-    else:
-        weights = "raw" if args.no_ema else "ema"
-        runs = [(weights, *grid[0], g) for g in (args.guidance_sweep or [args.guidance])]
-    models = {weights: build_model(ckpt, device, ema=weights == "ema") for weights, *_ in runs}
-    for weights, sampler, steps, eta, guidance in runs:
+    for weights, settings, guidance in runs:
         model, diffusion = models[weights]
-        nfe = []
+        steps_seen = set()
         started = time.perf_counter()
-        images = generate(model, diffusion, args.n, args.seed, sampler, steps, batch_size, labels=labels,
-                          guidance=guidance, callback=lambda i, t, x, x0: nfe.append(1), **({"eta": eta} if eta else {}))
+        images = generate(model, diffusion, args.n, args.seed, batch_size=args.batch_size, labels=labels,
+                          guidance=guidance, callback=lambda i, t, x, x0: steps_seen.add(i), **settings)
         seconds = time.perf_counter() - started
-        name = f"{sampler}-{steps}{f' eta={eta:g}' if eta else ''} {weights}" + (f" w={guidance:g}" if conditional else "")
-        row = {"name": name, "sampler": sampler, "steps": steps, "eta": eta, "weights": weights, "guidance": guidance,
-               "nfe": len(nfe) // math.ceil(args.n / batch_size), "images_per_s": args.n / seconds,
-               **score(*embed(classifier, images), reference, labels, test_y)}
+        eta = f" eta={settings['eta']:g}" if "eta" in settings else ""
+        name = f"{settings['sampler']}-{settings['steps']}{eta} {weights}" + (f" w={guidance:g}" if conditional else "")
+        row = {"name": name, **settings, "weights": weights, "guidance": guidance, "nfe": len(steps_seen),
+               "images_per_s": args.n / seconds, **score(*embed(classifier, images), reference, labels, test_y)}
         rows.append(row)
         print_table([row])
 
     result = {"checkpoint": str(args.checkpoint), "step": ckpt["step"], "n": args.n, "seed": args.seed,
               "conditional": bool(conditional), "classifier_test_accuracy": accuracy,
               "score_seconds_per_set": score_seconds, "rows": rows}
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    atomic_write(out / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"scoring {args.n} images took {score_seconds:.1f} s (features and metrics, generation excluded); "
           f"wrote {out / 'eval.json'}")
     if args.sweep:
@@ -283,58 +305,8 @@ def run(args):
         print(f"wrote {out / 'guidance.png'}")
 
 
-def plot_guidance(rows, path):
-    """FID and conditional accuracy against the guidance scale w, on two axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    w = [r["guidance"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(w, [r["fid"] for r in rows], "o-", color="C0")
-    ax.set(xlabel="guidance scale w", ylabel="FID (classifier features)", title="Classifier-free guidance")
-    ax.tick_params(axis="y", labelcolor="C0")
-    ax.yaxis.label.set_color("C0")
-    acc = ax.twinx()
-    acc.plot(w, [100 * r["accuracy"] for r in rows], "s--", color="C1")
-    acc.set_ylabel("conditional accuracy (%)", color="C1")
-    acc.tick_params(axis="y", labelcolor="C1")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_sweep(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    label = lambda r: r["sampler"] + (f" eta={r['eta']:g}" if r.get("eta") else "")
-    samplers = sorted({label(r) for r in rows[1:]})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for weights, line in (("ema", "-"), ("raw", "--")):
-        for i, name in enumerate(samplers):
-            pts = sorted((r["nfe"], r["fid"]) for r in rows[1:] if label(r) == name and r["weights"] == weights)
-            if pts:
-                ax.plot(*zip(*pts), "os^dv"[i % 5] + line, color=f"C{i}", label=f"{name} ({weights})")
-    ax.axhline(rows[0]["fid"], color="gray", ls=":", label="real train images")
-    ax.set(xscale="log", xlabel="network evaluations per image (NFE)", ylabel="FID (classifier features)",
-           title="Sample quality against sampling cost")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUPS = 8  # GroupNorm groups; every channel count must divide by it
+HEAD_DIM = 32  # channels per attention head
+
+
+def attention_heads(channels):
+    """Heads of an attention block over `channels` channels: one per HEAD_DIM, at least one."""
+    return max(1, channels // HEAD_DIM)
 
 
 @dataclass
@@ -30,9 +36,32 @@ class UNetConfig:
         self.attn_resolutions = tuple(self.attn_resolutions)
         if self.width <= 0 or self.width % GROUPS:
             raise ValueError(f"width must be a positive multiple of {GROUPS}, got {self.width}")
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise ValueError(f"channel_mults must be one or more positive integers, got {self.channel_mults}")
         if self.image_size % 2 ** (len(self.channel_mults) - 1):
             raise ValueError(f"image_size {self.image_size} cannot be halved "
                              f"{len(self.channel_mults) - 1} times exactly")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes cannot be negative, got {self.num_classes}")
+        sizes = self.resolutions()
+        if set(self.attn_resolutions) - set(sizes):
+            raise ValueError(f"attn_resolutions {self.attn_resolutions}: this network's feature maps are "
+                             f"{', '.join(map(str, sizes))} pixels wide")
+        # Attention runs at the attn_resolutions levels and in the middle, at the lowest one.
+        attended = {self.width * m for m, r in zip(self.channel_mults, sizes) if r in self.attn_resolutions}
+        for ch in sorted(attended | {self.width * self.channel_mults[-1]}):
+            if ch % attention_heads(ch):
+                raise ValueError(f"width {self.width}: an attention block gets {ch} channels, which its "
+                                 f"{attention_heads(ch)} heads of {HEAD_DIM} do not divide; use a width whose "
+                                 f"attention channels are a multiple of {HEAD_DIM} or below it (e.g. 32, 64)")
+
+    def resolutions(self):
+        """Feature-map sizes of the levels, e.g. (28, 14, 7)."""
+        return tuple(self.image_size // 2**k for k in range(len(self.channel_mults)))
 
     def to_dict(self):
         return asdict(self)
@@ -79,9 +108,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Multi-head self-attention over the pixels of a feature map, with a residual connection."""
 
-    def __init__(self, ch, head_dim=32):
+    def __init__(self, ch):
         super().__init__()
-        self.heads = max(1, ch // head_dim)
+        self.heads = attention_heads(ch)
         self.norm = nn.GroupNorm(GROUPS, ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)

@@ -1,5 +1,9 @@
 import gzip
 import os
+
+# The suite runs on the CPU, GPU machine or not: hide CUDA from this process and every process it starts,
+# before torch looks, so that --preset auto and --device auto choose alike everywhere.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import struct
 import subprocess
 import sys
@@ -10,8 +14,8 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from diffusion import DiffusionConfig
-from sample import load_checkpoint
 from unet import UNetConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +96,7 @@ def _tiny_run(folder, model_cfg, cfg, images=None, resume=None, loss_hook=None):
     model, ema, d, opt, state = train.setup(model_cfg, DiffusionConfig(20), cfg, cpu, resume and load_checkpoint(resume))
     if loss_hook:
         d.loss = loss_hook(d.loss)
-    save = lambda: train.save_checkpoint(train.make_checkpoint(model, ema, d, opt, cfg, state, cpu), folder)
+    save = lambda: save_checkpoint(make_checkpoint(model, ema, d, opt, cfg.recipe(), state, 1), folder)
     train.train(model, ema, d, opt, images, cfg, cpu, state, save)
     return model, ema, state
 

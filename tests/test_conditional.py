@@ -9,6 +9,9 @@ from torch.testing import assert_close
 import evaluate
 import sample
 import train
+from checkpoint import load_checkpoint
+from cli import UserError
+from data import CLASSES
 from diffusion import Diffusion, DiffusionConfig
 from unet import UNet
 
@@ -51,9 +54,9 @@ def test_class_names_and_indices(text, index):
 
 
 def test_unknown_class_lists_the_valid_ones(good_checkpoint, tmp_path, fails):
-    with pytest.raises(sample.UserError, match="Sneaker, Bag, Ankle boot"):
+    with pytest.raises(UserError, match="Sneaker, Bag, Ankle boot"):
         sample.parse_class("sneakers")
-    with pytest.raises(sample.UserError):
+    with pytest.raises(UserError):
         sample.parse_class("10")
     err = fails(sample, ["--checkpoint", good_checkpoint, "--class", "boots", "--output-dir", tmp_path])
     assert "unknown class 'boots'" in err and "Ankle boot" in err
@@ -75,7 +78,7 @@ def test_per_class_grid_has_a_row_per_class_in_order(conditional_model, tmp_path
                                   steps=2)
     assert images.shape == (30, 1, 28, 28)  # ceil(25 / 10) = 3 per class
     assert seen["rows"] and seen["path"].name == "samples_by_class.png"
-    assert [name for name, _ in seen["groups"]] == list(sample.CLASSES)
+    assert [name for name, _ in seen["groups"]] == list(CLASSES)
     assert all(len(x) == 3 for _, x in seen["groups"])
     assert torch.equal(torch.cat([x for _, x in seen["groups"]]), images)
     assert (tmp_path / "samples.png").is_file()
@@ -95,7 +98,7 @@ def test_conditional_train_sample_evaluate(cli):
     r = cli.run("train.py", "--conditional", "--max-steps", "4", "--sample-n", "10")
     assert r.returncode == 0, r.stderr
     assert (cli.out / "samples_by_class.png").is_file()
-    ckpt = sample.load_checkpoint(cli.ckpt)
+    ckpt = load_checkpoint(cli.ckpt)
     assert ckpt["config"]["model"]["num_classes"] == 10
     r = cli.run("sample.py", "--class", "ankle boot", "--guidance", "1.5", "--n", "3", "--steps", "4")
     assert r.returncode == 0, r.stderr

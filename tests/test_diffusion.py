@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from diffusion import SAMPLERS, Diffusion, DiffusionConfig, logsnr_timesteps, make_betas, spaced_timesteps
-from sample import sampler_settings
+from cli import sampler_settings
 from unet import UNet
 
 

@@ -1,10 +1,13 @@
 """train.py under torchrun: two CPU processes (gloo) against one process with the same global batch."""
 import subprocess
 
+import pytest
 import torch
 
 import train
-from sample import load_checkpoint
+from checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # real torchrun launches, about 35 s
 
 FLAGS = ["--max-steps", "6", "--log-every", "2", "--checkpoint-every", "4", "--sample-n", "0", "--lr", "3e-3",
          "--warmup-steps", "1"]
@@ -53,7 +56,8 @@ def test_resume_under_torchrun_matches_an_uninterrupted_run(cli, tmp_path):
         for name, a in straight[key].items():
             assert torch.equal(a, resumed[key][name]), f"{key} {name}"
 
-    alone = cli.run("train.py", "--resume", tmp_path / "b" / "ckpt.pt", "--checkpoint-dir", tmp_path / "b")
+    alone = cli.run("train.py", "--resume", tmp_path / "b" / "ckpt.pt", "--checkpoint-dir", tmp_path / "b",
+                    "--batch-size", "8")
     assert alone.returncode == 2 and "made by 2 process(es)" in alone.stderr, alone.stderr
 
 

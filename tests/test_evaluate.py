@@ -73,7 +73,9 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
     rows = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in res["rows"]] for res in results]
     assert rows[0] == rows[1]  # same seed, same numbers
     names = [r["name"] for r in rows[0]]
-    assert names == ["real train images"] + [f"{s} {w}" for w in ("ema", "raw") for s in ("ddpm-5", "ddim-3", "dpm++-3")]
+    # A grid entry without ETA takes the sampler's default, as sample.py does: the SDE form for dpm++.
+    samplers = ("ddpm-5", "ddim-3 eta=0", "dpm++-3 eta=1")
+    assert names == ["real train images"] + [f"{s} {w}" for w in ("ema", "raw") for s in samplers]
     assert [r["nfe"] for r in rows[0][1:4]] == [5, 3, 3]
     assert all(sum(r["classes"].values()) == 40 for r in rows[0])
 

@@ -9,7 +9,8 @@ import torch
 
 import sample
 import train
-from sample import build_model, load_checkpoint
+from checkpoint import build_model, load_checkpoint, save_checkpoint
+from cli import WriteError
 
 CPU = torch.device("cpu")
 GARBAGE = random.Random(0).randbytes(4096)  # fixed, so every run tries the same bytes
@@ -110,16 +111,17 @@ def test_kill_9_at_any_moment_leaves_a_complete_checkpoint(cli):
 
 def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, good_checkpoint, monkeypatch):
     ckpt = load_checkpoint(good_checkpoint)
-    train.save_checkpoint(ckpt, tmp_path)
+    save_checkpoint(ckpt, tmp_path)
 
     def dies(obj, f):
         f.write(b"half a checkpoint")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", dies)
-    with pytest.raises(OSError):
-        train.save_checkpoint({**ckpt, "step": 999}, tmp_path)
+    with pytest.raises(WriteError, match="No space left on device"):
+        save_checkpoint({**ckpt, "step": 999}, tmp_path)
     assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, tiny_run):
@@ -242,7 +244,7 @@ def test_train_bad_arguments(args, message, cli, good_checkpoint, tmp_path, fail
     args = [a.format(file=tmp_path / "a_file", good=good_checkpoint, garbage=tmp_path / "garbage.pt") for a in args]
     cli.ckpt.mkdir()
     (cli.ckpt / "ckpt.pt").write_bytes(b"an earlier run")
-    err = fails(train, cli.command("train.py", *args)[2:])
+    err = fails(train, cli.command("train.py", *args, "--overwrite")[2:])  # replacing it is allowed, not done
     assert message in err
     assert (cli.ckpt / "ckpt.pt").read_bytes() == b"an earlier run"
     assert not cli.out.exists() or not list(cli.out.iterdir())

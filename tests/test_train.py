@@ -7,7 +7,8 @@ import torch
 import data
 import train
 from diffusion import Diffusion, DiffusionConfig
-from sample import UserError, build_model, load_checkpoint
+from checkpoint import FORMAT, VERSION, build_model, load_checkpoint, save_checkpoint
+from cli import UserError
 from unet import UNet
 
 
@@ -154,9 +155,9 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_ru
 
 
 def test_save_keeps_the_previous_checkpoint(tmp_path):
-    minimal = {"format": train.FORMAT, "model": {}, "ema": {}, "config": {}, "epoch": 0}
-    train.save_checkpoint({**minimal, "step": 1}, tmp_path)
-    train.save_checkpoint({**minimal, "step": 2}, tmp_path)
+    minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "config": {}, "epoch": 0}
+    save_checkpoint({**minimal, "step": 1}, tmp_path)
+    save_checkpoint({**minimal, "step": 2}, tmp_path)
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
     assert load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.prev.pt", "ckpt.pt"]

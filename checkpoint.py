@@ -1,0 +1,215 @@
+"""The checkpoint file, written and read here only: its format and version, atomic writes, safe
+loading with the fallback to the previous file, rebuilding the model, and the folder's lock."""
+import contextlib
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cli import UserError, WriteError
+from diffusion import Diffusion, DiffusionConfig
+from unet import UNet, UNetConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
+VERSION = 2  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
+REQUIRED = ("model", "ema", "config", "step", "epoch")
+
+
+# ---------------------------------------------------------------------------- writing
+
+def atomic_write(path, write, previous=None):
+    """Call write(f) on a fresh temporary file beside path, sync it, and rename it over path, so that
+    a crash at any moment leaves the old file or the new one, never half of one. The file replaced is
+    moved to `previous` if given. A failure removes the temporary file and raises WriteError."""
+    path, tmp = Path(path), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique: writers never clash
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError, TypeError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"could not write {path}: {e.strerror or e}; the file it would replace is untouched. "
+                             f"Free some space or choose another folder") from None
+        raise
+    return path
+
+
+def atomic_save(obj, path, previous=None):
+    """torch.save obj to path through atomic_write."""
+    return atomic_write(path, lambda f: torch.save(obj, f), previous)
+
+
+def save_checkpoint(ckpt, folder):
+    """Write folder/ckpt.pt atomically, keeping the one it replaces as ckpt.prev.pt."""
+    newest, previous = (Path(folder) / name for name in CHECKPOINT_NAMES)
+    return atomic_save(ckpt, newest, previous=previous)
+
+
+def make_checkpoint(model, ema, diffusion, optimizer, train_config, state, world_size):
+    """Everything needed to rebuild the model (configs as plain types) and to resume exactly.
+
+    Random draws need no saved state: train.py derives each step's from (seed, step, rank).
+    """
+    return {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
+            "step": state["step"], "epoch": state["epoch"], "history": state["history"],
+            "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(), "train": train_config},
+            "world_size": world_size}  # data order and steps depend on the process count
+
+
+# ---------------------------------------------------------------------------- reading
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or the newest one in a folder (ckpt.pt, else ckpt.prev.pt if a save was cut short)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+        raise UserError(f"no checkpoint in {path}/ (it holds: {', '.join(found) or 'nothing'}); "
+                        f"train one with `python train.py` or pass --checkpoint PATH")
+    raise UserError(f"checkpoint {path} does not exist; train one with `python train.py` or pass --checkpoint PATH")
+
+
+def _read(path):
+    """torch.load with weights_only (tensors and plain data, never code), onto the CPU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))  # how torch names a callable the file wants to import
+        if code:
+            raise UserError(f"refusing {path}: it asks to run {code[1]}, which weights_only loading never does; "
+                            f"load only checkpoints made by train.py") from None
+        raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): not a valid pickle") from None
+    except Exception as e:  # truncated, not a zip, not a torch file: all mean the file is unusable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): {reason[:150]}") from None
+
+
+def _upgrade(ckpt, path):
+    """The checkpoint in today's layout, from any version this code knows; a newer or foreign one is refused."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, "ddpm-fashion-mnist/1"):
+        raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
+    version = 1 if ckpt["format"] == "ddpm-fashion-mnist/1" else ckpt.get("version")
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise UserError(f"{path} is checkpoint version {version}, and this code reads versions 1 to {VERSION}: "
+                        f"update this repository (git pull) to read it")
+    missing = sorted(set(REQUIRED) - set(ckpt))
+    if missing:
+        raise UserError(f"checkpoint {path} (version {version}) is incomplete: it lacks {', '.join(missing)}")
+    if not all(isinstance(ckpt[k], dict) for k in ("model", "ema", "config")):
+        raise UserError(f"checkpoint {path} (version {version}) is damaged: its weights or config are not tables")
+    if version == 1:  # 2 dropped the RNG state and the per-command limits, and versions the format
+        train = dict(ckpt["config"].get("train", {}))
+        for key in ("max_steps", "max_minutes", "compile"):
+            train.pop(key, None)
+        # Fields added to version 1 over time, with what a run behaved like before each existed.
+        train.setdefault("grad_clip", 0.0)
+        train.setdefault("cond_drop", 0.1)
+        train["precision"] = "bf16" if train.get("precision") == "bf16" else "fp32"
+        ckpt = {**{k: v for k, v in ckpt.items() if k != "rng"}, "format": FORMAT, "version": VERSION,
+                "config": {**ckpt["config"], "train": train}, "world_size": ckpt.get("world_size", 1)}
+    return ckpt
+
+
+def _checked(ckpt, path):
+    """_upgrade(ckpt), refusing weights (raw or averaged) that hold NaN or Inf: nothing sampled or
+    resumed from them could be right."""
+    ckpt = _upgrade(ckpt, path)
+    for key in ("model", "ema"):
+        bad = next((k for k, v in ckpt[key].items() if torch.is_tensor(v) and v.is_floating_point()
+                    and not v.isfinite().all()), None)
+        if bad:
+            raise UserError(f"{path}: its {key} weights hold NaN or Inf (first in {bad}), so nothing can be sampled "
+                            f"or resumed from it; use an earlier checkpoint or train again")
+    return ckpt
+
+
+def open_checkpoint(path, fallback=True):
+    """(checkpoint, the file it came from). A damaged ckpt.pt gives way to the ckpt.prev.pt beside it,
+    with a warning on stderr, when fallback is set; anything else wrong is a UserError."""
+    file = resolve_checkpoint(path)
+    try:
+        return _checked(_read(file), file), file
+    except UserError as e:
+        previous = file.with_name(CHECKPOINT_NAMES[1])
+        if not (fallback and file.name == CHECKPOINT_NAMES[0] and previous.is_file() and "damaged" in str(e)):
+            raise
+        ckpt = _checked(_read(previous), previous)
+        print(f"warning: {e}; using the previous checkpoint {previous} (step {ckpt['step']}) instead", file=sys.stderr)
+        return ckpt, previous
+
+
+def load_checkpoint(path, fallback=True):
+    """The checkpoint at path (a file, or a folder's newest), checked and in today's layout."""
+    return open_checkpoint(path, fallback)[0]
+
+
+def build_model(ckpt, device="cpu", ema=True):
+    """Rebuild the U-Net (EMA weights unless ema=False) and diffusion from the checkpoint alone."""
+    config = ckpt["config"]
+    try:
+        model = UNet(UNetConfig.from_dict(config["model"]))
+        model.load_state_dict(ckpt["ema" if ema else "model"])
+        diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"checkpoint config does not match its weights: {reason[:200]}") from None
+    return model.to(device).eval(), diffusion.to(device)
+
+
+
+
+# ---------------------------------------------------------------------------- the folder a run writes
+
+@contextlib.contextmanager
+def locked(folder, flag="--checkpoint-dir"):
+    """Hold folder/.lock while inside, so that a second run on the same folder stops at once. The lock
+    is the operating system's (flock), so it dies with its process: a killed run leaves no stale lock."""
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{folder}/ is in use by {holder}; wait for it to end, or choose another {flag}") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{Path(sys.argv[0]).name} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
+
+
+def existing_run(folder):
+    """The checkpoint files already in folder, newest first."""
+    return [Path(folder) / name for name in CHECKPOINT_NAMES if (Path(folder) / name).exists()]

@@ -1,0 +1,124 @@
+"""Every picture the commands write: image grids, labelled grids, the forward process, the loss
+curve and evaluate.py's plots. Each file is written atomically, so a failed write leaves the old one."""
+import csv
+import io
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import atomic_write
+from data import to_model_range
+
+FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)  # of T; t = 0, 50, 100, 200, ... 999 at T = 1000
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, path):
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        _pyplot().close(fig)
+
+
+def save_grid(images, path, nrow=8, scale=3):
+    """Images in [-1, 1] as one PNG grid, upscaled with nearest-neighbour so the pixels stay crisp."""
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(images.clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=2, pad_value=1.0)
+    atomic_write(path, lambda f: save_image(F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], f,
+                                            format="png"))
+
+
+def save_labelled(groups, path, title, rows=False):
+    """groups: [(label, images [k, 1, H, W] in [-1, 1])] -> one labelled column per group (or row)."""
+    plt = _pyplot()
+    k, m = len(groups[0][1]), len(groups)
+    shape = (m, k) if rows else (k, m)
+    fig, axes = plt.subplots(*shape, figsize=(1.1 * shape[1] + (1.2 if rows else 0), 1.1 * shape[0] + 0.3),
+                             squeeze=False)
+    for j, (label, x) in enumerate(groups):
+        for i in range(k):
+            ax = axes[j, i] if rows else axes[i, j]
+            ax.imshow(x[i, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        if rows:
+            axes[j, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
+        else:
+            axes[0, j].set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def save_forward_figure(images, diffusion, path, seed=0):
+    """A few real uint8 images (rows) noised to increasing t (columns); diffusion must be on the CPU."""
+    times = sorted({min(round(f * diffusion.timesteps), diffusion.timesteps - 1) for f in FORWARD_FRACTIONS})
+    x0 = to_model_range(images.cpu())
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    columns = [(f"t = {t}", diffusion.q_sample(x0, torch.full((len(x0),), t), noise)) for t in times]
+    save_labelled(columns, path, f"q(x_t | x_0), {diffusion.config.schedule} schedule")
+
+
+def save_loss_history(history, output_dir, name, smooth=100):
+    """history: [(step, epoch, loss)], one per step -> output_dir/loss.csv, and loss.png titled with the
+    loss's name."""
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["step", "epoch", "loss"])
+    w.writerows(history)
+    atomic_write(output_dir / "loss.csv", lambda f: f.write(text.getvalue().encode()))
+    if not history:
+        return
+    steps, _, losses = map(torch.tensor, zip(*history))
+    k = min(smooth, len(losses))
+    fig, ax = _pyplot().subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.5, alpha=0.3, label="per step")
+    ax.plot(steps[k - 1:], losses.unfold(0, k, 1).mean(1), lw=1.5, label=f"mean of {k} steps")
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"Training loss ({name})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, output_dir / "loss.png")
+
+
+def plot_guidance(rows, path):
+    """evaluate.py's rows: FID and conditional accuracy against the guidance scale w, on two axes."""
+    w = [r["guidance"] for r in rows]
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    ax.plot(w, [r["fid"] for r in rows], "o-", color="C0")
+    ax.set(xlabel="guidance scale w", ylabel="FID (classifier features)", title="Classifier-free guidance")
+    ax.tick_params(axis="y", labelcolor="C0")
+    ax.yaxis.label.set_color("C0")
+    acc = ax.twinx()
+    acc.plot(w, [100 * r["accuracy"] for r in rows], "s--", color="C1")
+    acc.set_ylabel("conditional accuracy (%)", color="C1")
+    acc.tick_params(axis="y", labelcolor="C1")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_sweep(rows, path):
+    """evaluate.py's rows (the first is the real-image floor): FID against network evaluations, one line
+    per sampler and eta, solid for EMA weights and dashed for raw ones."""
+    label = lambda r: r["sampler"] + (f" eta={r['eta']:g}" if r.get("eta") is not None else "")
+    samplers = sorted({label(r) for r in rows[1:]})
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    for weights, line in (("ema", "-"), ("raw", "--")):
+        for i, name in enumerate(samplers):
+            pts = sorted((r["nfe"], r["fid"]) for r in rows[1:] if label(r) == name and r["weights"] == weights)
+            if pts:
+                ax.plot(*zip(*pts), "os^dv"[i % 5] + line, color=f"C{i}", label=f"{name} ({weights})")
+    ax.axhline(rows[0]["fid"], color="gray", ls=":", label="real train images")
+    ax.set(xscale="log", xlabel="network evaluations per image (NFE)", ylabel="FID (classifier features)",
+           title="Sample quality against sampling cost")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
