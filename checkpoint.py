@@ -210,6 +210,20 @@ def locked(folder, flag="--checkpoint-dir"):
         f.close()  # closing releases the lock
 
 
-def existing_run(folder):
-    """The checkpoint files already in folder, newest first."""
-    return [Path(folder) / name for name in CHECKPOINT_NAMES if (Path(folder) / name).exists()]
+def claim_folder(folder, resume, source, overwrite):
+    """Before a run writes checkpoints to folder: refuse to start afresh over an earlier run unless told to
+    overwrite it. resume: what --resume named (or None); source: the file open_checkpoint() took from it.
+    Where that fell back from a damaged ckpt.pt in folder, the damaged file is moved aside to
+    ckpt.damaged.pt, so that the next save rotates nothing good away."""
+    folder = Path(folder)
+    ours = source is not None and source.parent.resolve() == folder.resolve()
+    if ours and overwrite:
+        raise UserError("--overwrite starts a new run over an old one, --resume continues it: give one of them")
+    earlier = [name for name in CHECKPOINT_NAMES if (folder / name).exists()]
+    if earlier and not (ours or overwrite):
+        raise UserError(f"{folder}/ already holds a run ({', '.join(earlier)}): continue it with --resume {folder}, "
+                        f"replace it with --overwrite, or choose another --checkpoint-dir")
+    damaged = resolve_checkpoint(resume) if resume else None
+    if ours and damaged != source:
+        os.replace(damaged, folder / "ckpt.damaged.pt")
+        print(f"moved the damaged {damaged} to {folder / 'ckpt.damaged.pt'}")

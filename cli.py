@@ -106,6 +106,22 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def agree_to_stop(reason, device):
+    """reason if this rank wants to stop, else "another process's stop" if any rank does, else None."""
+    flag = torch.tensor([float(reason is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return reason or ("another process's stop" if flag.item() else None)
+
+
+def mean_over_ranks(x):
+    """The average of tensor x over all processes (x itself for one); gloo has no AVG, hence SUM."""
+    if world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world()[1]
+    return x
+
+
 def autocast_for(device, precision):
     """bf16 autocast for precision "bf16", else nullcontext(): plain fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()

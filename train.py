@@ -13,10 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from checkpoint import (existing_run, locked, make_checkpoint, open_checkpoint, resolve_checkpoint,
-                        save_checkpoint)
-from cli import (DEFAULT_SAMPLER, ArgumentParser, UserError, autocast_for, check, check_writable, describe, graceful_signals,
-                 run_command, sampler_settings, start_distributed, tf32, world)
+from checkpoint import claim_folder, locked, make_checkpoint, open_checkpoint, save_checkpoint
+from cli import (DEFAULT_SAMPLER, ArgumentParser, UserError, agree_to_stop, autocast_for, check, check_writable,
+                 describe, graceful_signals, mean_over_ranks, run_command, sampler_settings, start_distributed, tf32,
+                 world)
 from data import epoch_batches, load_fashion_mnist, prepare_fashion_mnist, to_model_range
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
 from figures import save_forward_figure, save_loss_history
@@ -61,27 +61,12 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------- the loop
 
-def agree_to_stop(reason, device):
-    """reason if this rank wants to stop, else "another process's stop" if any rank does, else None."""
-    flag = torch.tensor([float(reason is not None)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return reason or ("another process's stop" if flag.item() else None)
-
-
-def mean_over_ranks(x):
-    """The average of tensor x over all processes (x itself for one); gloo has no AVG, hence SUM."""
-    if world()[1] > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= world()[1]
-    return x
-
-
 def step_seed(seed, step, stream):
     """The seed of one step's random draws, so that a resumed run draws what an unbroken one does with no
     saved RNG state. Stream 0 is shared by all ranks (the global batch's timesteps, noise and dropped
     labels); stream 1 + rank is each rank's own (dropout masks, which must differ between ranks)."""
     return ((seed * 1_000_003 + step) * 1_009 + stream) % 2**63
+
 
 def ema_of(model, decay):
     """An exponential moving average of model's weights, updated by ema.update_parameters(model).
@@ -324,18 +309,6 @@ def validate(args, model_cfg, cfg, n_images=None):
           f"--batch-size {cfg.batch_size} is larger than the {n_images} training images")
 
 
-def claim_folder(ckpt_dir, source, overwrite):
-    """Refuse to start a fresh run over an earlier one in ckpt_dir unless resuming it or told to overwrite.
-    Returns whether the run continues one of ckpt_dir's own checkpoints."""
-    ours = source is not None and source.parent.resolve() == ckpt_dir.resolve()
-    check(not (ours and overwrite), "--overwrite starts a new run over an old one, --resume continues it: give one")
-    earlier = existing_run(ckpt_dir)
-    check(not earlier or ours or overwrite,
-          f"{ckpt_dir}/ already holds a run ({', '.join(p.name for p in earlier)}): continue it with --resume "
-          f"{ckpt_dir}, replace it with --overwrite, or choose another --checkpoint-dir")
-    return ours
-
-
 def run(args):
     """Train as the flags say; returns (model, ema, state) for whoever called it in-process."""
     rank, ranks, device = start_distributed(args.device)
@@ -348,7 +321,6 @@ def run(args):
     out, ckpt_dir = (check_writable(d, flag) for d, flag in ((args.output_dir, "--output-dir"),
                                                               (args.checkpoint_dir, "--checkpoint-dir")))
     with locked(ckpt_dir) if rank == 0 else contextlib.nullcontext():
-        ours = claim_folder(ckpt_dir, source, args.overwrite) if rank == 0 else False
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one process per machine unpacks or downloads the data
             prepare_fashion_mnist(args.data_dir)
         if ranks > 1:
@@ -358,10 +330,8 @@ def run(args):
         planned = cfg.epochs * (len(images) // (ranks * cfg.batch_size))
         check(saved is None or saved["step"] < planned, f"--resume: the run already took all {planned} steps of "
               f"its {cfg.epochs} epochs; give more --epochs to train on")
-        damaged = resolve_checkpoint(args.resume) if saved else None
-        if ours and damaged != source:  # --resume fell back from a damaged ckpt.pt: keep it aside, so that
-            os.replace(damaged, ckpt_dir / "ckpt.damaged.pt")  # the next save rotates nothing good away
-            print(f"moved the damaged {damaged} to {ckpt_dir / 'ckpt.damaged.pt'}")
+        if rank == 0:
+            claim_folder(ckpt_dir, args.resume, source, args.overwrite)
         return fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels, out, ckpt_dir)
 
 
