@@ -57,3 +57,28 @@ def test_config_rejects_what_cannot_work():
         UNetConfig(width=12)
     with pytest.raises(ValueError, match="unknown"):
         UNetConfig.from_dict({"width": 32, "depth": 3})
+    with pytest.raises(ValueError, match="112 channels, which its 3 heads of 32 do not divide"):
+        UNetConfig(width=56)  # was a RuntimeError inside attention, mid-run
+    with pytest.raises(ValueError, match="feature maps are 28, 14, 7 pixels wide"):
+        UNetConfig(attn_resolutions=(5,))
+    with pytest.raises(ValueError, match="dropout"):
+        UNetConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="channel_mults"):
+        UNetConfig(channel_mults=(1, 0, 2))
+    with pytest.raises(ValueError, match="num_res_blocks"):
+        UNetConfig(num_res_blocks=0)
+
+
+@pytest.mark.parametrize("attn", [(7,), (14, 7), (28,)])
+def test_every_width_the_config_accepts_runs(attn):
+    """What UNetConfig lets through must run: the check up front is the only place a bad width is caught."""
+    x, t = torch.randn(1, 1, 28, 28), torch.tensor([10])
+    accepted = 0
+    for width in range(8, 137, 8):
+        try:
+            config = UNetConfig(width=width, num_res_blocks=1, attn_resolutions=attn)
+        except ValueError:
+            continue
+        assert UNet(config)(x, t).shape == x.shape, width
+        accepted += 1
+    assert 5 < accepted < 17  # some widths pass, some are refused

@@ -1,0 +1,62 @@
+"""One home for each thing: library modules import no script, and a script takes from another script only
+the job that script exists for (evaluate.py and bench.py measure sample.py's generation and train.py's
+loop), never its plumbing (errors, parser, device, checkpoint format, saving)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARY = {"unet", "diffusion", "data", "checkpoint", "cli", "figures"}
+SCRIPTS = {"train", "sample", "evaluate", "bench"}
+JOBS = {"sample": {"generate", "draw_pictures"}, "train": {"train", "setup", "TrainConfig", "PRESETS"}}
+
+
+def taken(source, module):
+    """Names the source takes from `module`: `from module import a, b`, and `module.a` after `import module`."""
+    tree = ast.parse(source)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == module:
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.Import) and any(a.name == module for a in node.names):
+            aliases = {a.asname or a.name for a in node.names if a.name == module}
+            names |= {n.attr for n in ast.walk(tree)
+                      if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases}
+            names.add("<module>")
+    return names
+
+
+def violations(name, source):
+    """What the module `name` (of the given source) takes that the rule forbids, as readable strings."""
+    found = []
+    for other in sorted(SCRIPTS - {name}):
+        names = taken(source, other)
+        if names and name in LIBRARY:
+            found.append(f"library module {name}.py imports the script {other}.py")
+        elif names - JOBS.get(other, set()) - {"<module>"}:
+            found.append(f"{name}.py takes {sorted(names - JOBS.get(other, set()) - {'<module>'})} from {other}.py")
+    return found
+
+
+def test_every_module_is_a_library_or_a_script():
+    modules = {p.stem for p in ROOT.glob("*.py")}
+    assert modules == LIBRARY | SCRIPTS, "classify the new module here: library or script"
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY | SCRIPTS))
+def test_imports_follow_the_layout(name):
+    assert violations(name, (ROOT / f"{name}.py").read_text()) == []
+
+
+def test_the_rule_catches_what_it_is_for():
+    assert violations("data", "from sample import UserError") == ["library module data.py imports the script sample.py"]
+    assert violations("evaluate", "from train import atomic_save") == ["evaluate.py takes ['atomic_save'] from train.py"]
+    assert violations("bench", "import train\ntrain.setup()\ntrain.load_checkpoint('x')") == [
+        "bench.py takes ['load_checkpoint'] from train.py"]
+    assert violations("evaluate", "from sample import generate\nimport train\ntrain.train()") == []
+
+
+def test_no_file_outgrows_a_sitting():
+    lengths = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
+    assert max(lengths.values()) <= 400, lengths
