@@ -1,5 +1,7 @@
 """`torchrun ... tests/ddp_worker.py OUT_DIR [train.py flags]`: train.run, then save this rank's weights
-to OUT_DIR/rank{R}.pt, so that test_distributed.py can compare the ranks."""
+(and, with RECORD_DROPOUT=1, its first dropout mask) to OUT_DIR/rank{R}.pt, so that test_distributed.py
+can compare the ranks."""
+import os
 import sys
 from pathlib import Path
 
@@ -8,8 +10,18 @@ import torch
 import train
 
 if __name__ == "__main__":
+    masks = []
+    if os.environ.get("RECORD_DROPOUT"):
+        forward = torch.nn.Dropout.forward
+
+        def recording(self, x):
+            out = forward(self, x)
+            if self.training and not masks:
+                masks.append(out == 0)
+            return out
+        torch.nn.Dropout.forward = recording
     model, ema, state = train.run(train.build_parser().parse_args(sys.argv[2:]))
     rank = train.world()[0]
-    torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "history": state["history"]},
-               Path(sys.argv[1]) / f"rank{rank}.pt")
+    torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "history": state["history"],
+                "masks": masks}, Path(sys.argv[1]) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

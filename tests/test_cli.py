@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from checkpoint import load_checkpoint
+
 
 @pytest.mark.slow
 def test_train_then_sample_write_the_pictures(cli):
@@ -30,3 +32,59 @@ def test_resume_continues_from_the_checkpoint(cli):
     r = cli.run("train.py", "--max-steps", "5", "--sample-n", "0", "--resume", cli.ckpt / "ckpt.pt")
     assert r.returncode == 0, r.stderr
     assert "training from step 3 to 5" in r.stdout and "trained to step 5" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_fresh_run_never_replaces_an_earlier_one(cli):
+    assert cli.run("train.py", "--max-steps", "4", "--checkpoint-every", "2", "--sample-n", "0").returncode == 0
+    before = {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")}
+    assert sorted(before) == ["ckpt.prev.pt", "ckpt.pt"]
+    again = cli.run("train.py", "--max-steps", "2", "--sample-n", "0")
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert "already holds a run" in again.stderr and "--resume" in again.stderr and "--overwrite" in again.stderr
+    assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before
+    replaced = cli.run("train.py", "--max-steps", "2", "--sample-n", "0", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_checkpoint(cli.ckpt)["step"] == 2
+
+
+@pytest.mark.slow
+def test_limits_belong_to_the_command_not_the_run(cli):
+    # 256 fake images in batches of 16: one epoch is 16 steps.
+    assert cli.run("train.py", "--epochs", "1", "--max-steps", "3", "--sample-n", "0").returncode == 0
+    r = cli.run("train.py", "--resume", cli.ckpt, "--sample-n", "0")
+    assert r.returncode == 0, r.stderr
+    assert "training from step 3 to 16" in r.stdout and "trained to step 16" in r.stdout
+    before = {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")}
+    done = cli.run("train.py", "--resume", cli.ckpt, "--sample-n", "0")
+    assert done.returncode == 2 and "already took all 16 steps of its 1 epochs" in done.stderr, done.stderr
+    assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before  # nothing rotated away
+    more = cli.run("train.py", "--resume", cli.ckpt, "--sample-n", "0", "--epochs", "2", "--max-steps", "20")
+    assert more.returncode == 0 and "training from step 16 to 20" in more.stdout, more.stderr
+
+
+@pytest.mark.slow
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(cli):
+    assert cli.run("train.py", "--max-steps", "4", "--checkpoint-every", "2", "--sample-n", "0").returncode == 0
+    newest = cli.ckpt / "ckpt.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a failing disk
+    damaged = newest.read_bytes()
+    r = cli.run("train.py", "--resume", cli.ckpt, "--max-steps", "6", "--sample-n", "0")
+    assert r.returncode == 0, r.stderr
+    assert "damaged" in r.stderr and "using the previous checkpoint" in r.stderr and "(step 2)" in r.stderr
+    assert "training from step 2 to 6" in r.stdout
+    assert (cli.ckpt / "ckpt.damaged.pt").read_bytes() == damaged  # kept for a look, out of the rotation
+    assert load_checkpoint(newest, fallback=False)["step"] == 6
+    assert load_checkpoint(cli.ckpt / "ckpt.prev.pt")["step"] == 4
+
+
+def test_the_suite_hides_cuda_from_itself_and_every_process_it_starts(cli):
+    """On a GPU machine --preset auto would otherwise pick gpu inside the tests (a 40-epoch preset)."""
+    import os
+    import subprocess
+    import sys
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and cli.env["CUDA_VISIBLE_DEVICES"] == ""
+    seen = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=cli.env,
+                          capture_output=True, text=True).stdout
+    assert seen.strip() == "0"

@@ -272,3 +272,18 @@ def test_sampler_callback_sees_every_step(name, tiny_config):
 ])
 def test_sampler_defaults(sampler, timesteps, steps, eta, expected):
     assert sampler_settings(sampler, timesteps, steps, eta) == expected
+
+
+def test_sampling_runs_without_tf32_whoever_calls_it(tiny_config):
+    """train.py trains with TF32 on CUDA; its final grid must still be drawn as sample.py draws it."""
+    import sample
+    from cli import tf32
+
+    model, seen = UNet(tiny_config).eval(), []
+    forward = model.forward
+    model.forward = lambda *a: (seen.append(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32),
+                                forward(*a))[1]
+    with tf32(True):
+        sample.generate(model, Diffusion(DiffusionConfig(10)), 2, steps=2, progress=False)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored afterwards
+    assert seen == [False, False]

@@ -13,14 +13,14 @@ FLAGS = ["--max-steps", "6", "--log-every", "2", "--checkpoint-every", "4", "--s
          "--warmup-steps", "1"]
 
 
-def torchrun(cli, out, *flags, processes=2):
+def torchrun(cli, out, *flags, processes=2, env=()):
     """Run tests/ddp_worker.py (train.py's run, then each rank's weights to out/rankR.pt) on `processes` CPUs."""
     out.mkdir(exist_ok=True)
     command = cli.command("train.py", *FLAGS, *flags)
     command[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                     str(cli.root / "tests" / "ddp_worker.py"), str(out)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=cli.root, timeout=600,
-                          env={**cli.env, "PYTHONPATH": str(cli.root), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+                          env={**cli.env, "PYTHONPATH": str(cli.root), "OMP_NUM_THREADS": "1", **dict(env)})
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(processes)]
 
@@ -45,6 +45,18 @@ def test_two_processes_take_the_single_process_steps(cli, tmp_path):
     drawn = cli.run("sample.py", "--checkpoint", tmp_path / "ddp", "--n", "4", "--steps", "5")
     assert drawn.returncode == 0, drawn.stderr
     assert (cli.out / "samples.png").is_file()
+
+
+def test_each_rank_draws_its_own_dropout_masks(cli, tmp_path):
+    """The same seed everywhere makes the ranks agree on the global batch's timesteps and noise; dropout
+    masks must not agree, or every rank would drop the same units of its own images."""
+    _, (rank0, rank1) = torchrun(cli, tmp_path / "d", "--dropout", "0.5", "--max-steps", "2", "--checkpoint-dir",
+                                 tmp_path / "d", env={"RECORD_DROPOUT": "1"})
+    (a,), (b,) = rank0["masks"], rank1["masks"]
+    assert a.shape == b.shape and 0.4 < a.float().mean() < 0.6
+    assert (a != b).float().mean() > 0.3  # independent masks differ in about half the units
+    for name, w in rank0["model"].items():
+        assert torch.equal(w, rank1["model"][name]), name  # the weights still agree
 
 
 def test_resume_under_torchrun_matches_an_uninterrupted_run(cli, tmp_path):

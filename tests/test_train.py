@@ -188,3 +188,79 @@ def test_resume_keeps_the_saved_model_and_refuses_a_different_one():
     assert model.width == 16 and diff.timesteps == 200 and cfg.epochs == 9
     with pytest.raises(UserError, match="--width 32 \\(checkpoint: 16\\)"):
         train.resolve_configs(parse("--resume", "x", "--width", "32"), torch.device("cpu"), saved)
+
+
+def test_a_resumed_run_takes_no_limit_or_switch_of_the_command_before(tiny_config):
+    recipe = train.TrainConfig(max_steps=3, max_minutes=5.0, compile=True, epochs=5).recipe()
+    assert not set(train.PER_COMMAND) & set(recipe)
+    saved = {"model": tiny_config.to_dict(), "diffusion": DiffusionConfig(20).to_dict(), "train": recipe}
+    _, _, cfg, _ = train.resolve_configs(parse("--resume", "x"), torch.device("cpu"), saved)
+    assert (cfg.max_steps, cfg.max_minutes, cfg.compile, cfg.epochs) == (0, 0.0, False, 5)
+    _, _, cfg, _ = train.resolve_configs(parse("--resume", "x", "--compile"), torch.device("cpu"), saved)
+    assert cfg.compile
+    assert parse("--no-compile").compile is False  # a switch that can be turned off, too
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "32"], "--batch-size 32 (checkpoint: 64)"),
+    (["--seed", "1"], "--seed 1 (checkpoint: 0)"),
+    (["--preset", "cpu"], "--preset does not apply with --resume"),
+])
+def test_resume_refuses_to_change_what_the_data_order_depends_on(flags, message):
+    saved = {"model": train.UNetConfig(width=16).to_dict(), "diffusion": DiffusionConfig(200).to_dict(),
+             "train": train.TrainConfig(batch_size=64).recipe()}
+    with pytest.raises(UserError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        train.resolve_configs(parse("--resume", "x", *flags), torch.device("cpu"), saved)
+
+
+def version_1(ckpt):
+    """The checkpoint as train.py wrote it before the format was versioned: format string '/1', an RNG
+    state, the per-command limits in the config, and no fields that TrainConfig gained later."""
+    old_train = {k: v for k, v in ckpt["config"]["train"].items() if k not in ("precision", "cond_drop", "grad_clip")}
+    v1 = {k: v for k, v in ckpt.items() if k not in ("version", "world_size")}
+    return {**v1, "format": "ddpm-fashion-mnist/1", "rng": {"cpu": torch.get_rng_state()},
+            "config": {**ckpt["config"], "train": {**old_train, "max_steps": 3, "compile": True}}}
+
+
+def test_older_checkpoints_load_and_newer_ones_say_so(good_checkpoint, tmp_path, fails):
+    import sample
+
+    ckpt = load_checkpoint(good_checkpoint)
+    torch.save(version_1(ckpt), tmp_path / "v1.pt")
+    upgraded = load_checkpoint(tmp_path / "v1.pt")
+    assert (upgraded["format"], upgraded["version"], upgraded["world_size"]) == (FORMAT, VERSION, 1)
+    assert "rng" not in upgraded and "max_steps" not in upgraded["config"]["train"]
+    assert upgraded["config"]["train"]["precision"] == "fp32" and upgraded["config"]["train"]["grad_clip"] == 0.0
+    sample.main(["--checkpoint", str(tmp_path / "v1.pt"), "--output-dir", str(tmp_path / "out"), "--n", "2",
+                 "--steps", "2"])
+    assert (tmp_path / "out" / "samples.png").is_file()
+    model_cfg, _, cfg, _ = train.resolve_configs(parse("--resume", "x"), torch.device("cpu"), upgraded["config"])
+    assert model_cfg.width == 8 and cfg.max_steps == 0 and not cfg.compile  # was a KeyError
+
+    torch.save({**ckpt, "version": VERSION + 1}, tmp_path / "v3.pt")
+    err = fails(sample, ["--checkpoint", tmp_path / "v3.pt", "--output-dir", tmp_path / "o3"])
+    assert f"version {VERSION + 1}, and this code reads versions 1 to {VERSION}" in err
+    assert not (tmp_path / "o3").exists()
+
+
+def test_the_images_per_second_count_every_step_and_no_save(tmp_path, tiny_config, tiny_run, monkeypatch, capsys):
+    """A clock that ticks one second per training step and stands still while saving: every log line must
+    say batch / 1 s, also when checkpoints (every 3 steps) fall between log lines (every 4)."""
+    clock = [0.0]
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (clock.__setitem__(0, clock[0] + 1),
+                                                                          step(self, *a, **k))[1])
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    cfg = train.TrainConfig(epochs=3, batch_size=4, log_every=4, checkpoint_every=3)
+    tiny_run(tmp_path, tiny_config, cfg)  # 32 images: 24 steps
+    rates = [line.split(", ")[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert rates == ["4 img/s"] * 6
+
+
+def test_the_loss_curve_is_named_after_the_loss_trained(cli, monkeypatch):
+    names = []
+    monkeypatch.setattr(train, "save_loss_history", lambda history, out, name: names.append(name))
+    for flags in ([], ["--min-snr-gamma", "5"], ["--prediction", "v"]):
+        train.main([str(a) for a in cli.command("train.py", "--max-steps", "1", "--sample-n", "0", "--overwrite",
+                                                *flags)[2:]])
+    assert names == ["L_simple, eps MSE", "eps MSE, min-SNR-5 weighted", "v MSE"]
