@@ -47,9 +47,12 @@ def atomic_write(path, write, previous=None):
     except BaseException as e:
         with contextlib.suppress(OSError, TypeError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise WriteError(f"could not write {path}: {e.strerror or e}; the file it would replace is untouched. "
-                             f"Free some space or choose another folder") from None
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):  # torch.save wraps a failed write in
+            cause = cause.__context__                                  # a RuntimeError of its zip writer
+        if cause is not None:
+            raise WriteError(f"could not write {path}: {cause.strerror or cause}; the file it would replace is "
+                             f"untouched. Free some space or choose another folder") from None
         raise
     return path
 
@@ -213,8 +216,9 @@ def locked(folder, flag="--checkpoint-dir"):
 def claim_folder(folder, resume, source, overwrite):
     """Before a run writes checkpoints to folder: refuse to start afresh over an earlier run unless told to
     overwrite it. resume: what --resume named (or None); source: the file open_checkpoint() took from it.
-    Where that fell back from a damaged ckpt.pt in folder, the damaged file is moved aside to
-    ckpt.damaged.pt, so that the next save rotates nothing good away."""
+    Temporary files of a run killed while saving are removed. Where open_checkpoint() fell back from a
+    damaged ckpt.pt in folder, that file is moved aside to ckpt.damaged.pt, so that the next save rotates
+    nothing good away."""
     folder = Path(folder)
     ours = source is not None and source.parent.resolve() == folder.resolve()
     if ours and overwrite:
@@ -223,6 +227,8 @@ def claim_folder(folder, resume, source, overwrite):
     if earlier and not (ours or overwrite):
         raise UserError(f"{folder}/ already holds a run ({', '.join(earlier)}): continue it with --resume {folder}, "
                         f"replace it with --overwrite, or choose another --checkpoint-dir")
+    for leftover in folder.glob(".ckpt*.tmp"):  # of a run killed mid-save; no one else writes here: we hold the lock
+        leftover.unlink()
     damaged = resolve_checkpoint(resume) if resume else None
     if ours and damaged != source:
         os.replace(damaged, folder / "ckpt.damaged.pt")

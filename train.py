@@ -276,9 +276,9 @@ def resolve_configs(args, device, saved=None):
         base = {**asdict(TrainConfig()), **saved["model"], **saved["diffusion"], **saved["train"]}
         fixed = [f.name for cls in (UNetConfig, DiffusionConfig) for f in fields(cls)] + list(FIXED_ON_RESUME)
         clash = [k for k in fixed if k in given and given[k] != base[k]]
+        flag = lambda k: "--conditional" if k == "num_classes" else f"--{k.replace('_', '-')}"
         check(not clash, "--resume continues a run with its model, batch size and seed; drop or change " + ", ".join(
-            f"--{k.replace('_', '-')} {given[k]} (checkpoint: {base[k]})" for k in clash)
-            + ", or start a new run in another --checkpoint-dir")
+            f"{flag(k)} {given[k]} (checkpoint: {base[k]})" for k in clash) + ", or start a new run elsewhere")
         note = f"config from {args.resume}"
     else:
         preset = given.get("preset", "auto")

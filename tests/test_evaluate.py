@@ -64,14 +64,23 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
     cli = scored_checkpoint
     argv = ["--checkpoint", cli.ckpt, "--data-dir", cli.data, "--classifier-dir", cli.ckpt, "--output-dir", cli.out,
             "--n", "40", "--sweep", "--grid", "ddpm:5", "ddim:3", "dpm++:3"]
-    results = []
-    for _ in range(2):
+    cache = cli.ckpt / "classifier.pt"
+    results, said = [], []
+    for spoil in (None, "damage", "other data"):
+        if spoil == "damage":
+            cache.write_bytes(cache.read_bytes()[:500])
+        elif spoil == "other data":
+            saved = torch.load(cache, weights_only=True)
+            torch.save({**saved, "key": {**saved["key"], "data": "0123456789abcdef"}}, cache)
         evaluate.main([str(a) for a in argv])
         results.append(json.loads((cli.out / "eval.json").read_text()))
-    assert "test accuracy" in capsys.readouterr().out
-    assert (cli.ckpt / "classifier.pt").is_file() and (cli.out / "fid_vs_steps.png").stat().st_size > 0
+        said.append(capsys.readouterr().out)
+    assert "trained the evaluation classifier" in said[0] and "test accuracy" in said[0]
+    assert "classifier.pt is damaged" in said[1] and "training a new one" in said[1]
+    assert "was trained on other data or settings; training a new one" in said[2]
+    assert cache.is_file() and (cli.out / "fid_vs_steps.png").stat().st_size > 0
     rows = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in res["rows"]] for res in results]
-    assert rows[0] == rows[1]  # same seed, same numbers
+    assert rows[0] == rows[1] == rows[2]  # same seed, same numbers (the retrained classifier included)
     names = [r["name"] for r in rows[0]]
     # A grid entry without ETA takes the sampler's default, as sample.py does: the SDE form for dpm++.
     samplers = ("ddpm-5", "ddim-3 eta=0", "dpm++-3 eta=1")
@@ -87,6 +96,12 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
     (["--grid", "ddpm:10:1"], "ETA in [0, 1]"),
     (["--n", "1"], "--n must be at least 2"),
     (["--sampler", "euler"], "invalid choice"),
+    (["--steps", "10"], "--sweep scores every --grid entry with both weights: drop --steps"),
+    (["--sampler", "ddim", "--no-ema"], "drop --sampler, --no-ema"),
+    (["--guidance-sweep", "0", "1"], "--sweep and --guidance-sweep are separate evaluations"),
+    (["--guidance", "1"], "need a class-conditional checkpoint"),
+    (["--unconditional"], "need a class-conditional checkpoint"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
 ])
 def test_evaluate_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     err = fails(evaluate, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path / "o", "--sweep", *args])
@@ -97,3 +112,38 @@ def test_evaluate_bad_arguments(args, message, good_checkpoint, tmp_path, fails)
 def test_evaluate_refuses_a_foreign_checkpoint(tmp_path, fails):
     torch.save({"format": "other"}, tmp_path / "x.pt")
     assert "not a checkpoint of this project" in fails(evaluate, ["--checkpoint", tmp_path / "x.pt"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "ddim:10"], "--grid lists what --sweep scores: add --sweep"),
+    (["--guidance-sweep", "0", "2"], "need a class-conditional checkpoint"),  # was a KeyError
+    (["--eta", "1", "--sampler", "ddpm"], "--eta applies to ddim and dpm++"),
+])
+def test_evaluate_refuses_flags_it_would_ignore(args, message, good_checkpoint, tmp_path, fails):
+    err = fails(evaluate, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path / "o", *args])
+    assert message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_guidance_flags_on_a_conditional_model_asked_for_no_class_are_refused():
+    args = evaluate.build_parser().parse_args(["--unconditional", "--guidance-sweep", "0", "2"])
+    with pytest.raises(evaluate.UserError, match="where guidance has nothing to steer"):  # was a KeyError
+        evaluate.plan(args, 20, conditional=True)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"sampler": "dpm++", "steps": 20, "eta": 1.0}),  # what sample.py draws by default
+    (["--sampler", "ddim"], {"sampler": "ddim", "steps": 50, "eta": 0.0}),  # --steps 20 was applied to all
+    (["--sampler", "ddpm"], {"sampler": "ddpm", "steps": 1000}),
+    (["--sampler", "dpm++", "--eta", "0", "--steps", "10"], {"sampler": "dpm++", "steps": 10, "eta": 0.0}),
+])
+def test_a_single_evaluation_scores_what_sample_py_would_draw(argv, expected):
+    [(weights, settings, guidance)] = evaluate.plan(evaluate.build_parser().parse_args(argv), 1000, False)
+    assert (weights, settings, guidance) == ("ema", expected, evaluate.GUIDANCE)
+
+
+def test_the_default_sweep_includes_the_default_sampler():
+    runs = evaluate.plan(evaluate.build_parser().parse_args(["--sweep"]), 1000, False)
+    assert ("ema", {"sampler": "dpm++", "steps": 20, "eta": 1.0}, evaluate.GUIDANCE) in runs
+    assert ("ema", {"sampler": "dpm++", "steps": 20, "eta": 0.0}, evaluate.GUIDANCE) in runs  # and the ODE
+    assert {w for w, *_ in runs} == {"ema", "raw"}

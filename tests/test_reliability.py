@@ -1,75 +1,85 @@
 """Never lose a run, never trust a bad file: signals, kill -9, divergence and bad input."""
 import os
 import random
+import resource
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 import torch
 
+import data
 import sample
 import train
-from checkpoint import build_model, load_checkpoint, save_checkpoint
+from checkpoint import atomic_write, build_model, load_checkpoint, save_checkpoint
 from cli import WriteError
+from conftest import ROOT, write_idx
 
 CPU = torch.device("cpu")
 GARBAGE = random.Random(0).randbytes(4096)  # fixed, so every run tries the same bytes
 
 
-def wait_for(proc, text):
-    """Read proc's stdout until a line containing text: by then the process has reached that point."""
+def wait_for(proc, text, at_start=False):
+    """Read proc's stdout until a line containing text (or starting with it): by then the process has
+    reached that point."""
     for line in proc.stdout:
-        if text in line:
+        if line.startswith(text) if at_start else text in line:
             return
     raise AssertionError(f"the process ended without printing {text!r}: {proc.stderr.read()}")
 
 
 # ---------------------------------------------------------------------------- interruptions
+# Each test acts on what the process printed (a progress line is printed as its step ends), never on a
+# guess of how long something takes; --log-every 1 makes a line per step.
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.glob(".*.tmp"))
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_training_with_a_checkpoint_and_status_0(cli, sig):
-    p = cli.start("train.py", "--epochs", "1000", "--checkpoint-every", "100000")
-    wait_for(p, "training from step")
-    time.sleep(1)
+    p = cli.start("train.py", "--epochs", "1000", "--checkpoint-every", "100000", "--log-every", "1")
+    wait_for(p, "step 3/")
     p.send_signal(sig)
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
     assert f"{sig.name} received" in out and "python train.py --resume" in out
     ckpt = load_checkpoint(cli.ckpt)
-    assert 0 < ckpt["step"] < 1000 * 16
+    assert 3 <= ckpt["step"] < 1000 * 16
     build_model(ckpt)
     assert not (cli.out / "samples.png").exists()  # stopping by hand skips the final sampling
 
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once(cli):
-    # A wide model and a big batch make one step take seconds, so both signals land inside it.
+    # A wide model and a big batch make the first step take seconds: the second signal lands inside it.
     p = cli.start("train.py", "--width", "64", "--batch-size", "256", "--epochs", "100")
     wait_for(p, "training from step")
-    time.sleep(0.5)
     p.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    wait_for(p, "SIGINT received")
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=600)
     assert p.returncode == 130, (out, err)
     assert "aborted" in err and "Traceback" not in err
-    assert not (cli.ckpt / "ckpt.pt").exists()  # aborted inside the first step: nothing half-written either
+    assert not (cli.ckpt / "ckpt.pt").exists() and not leftovers(cli.ckpt)  # nothing half-written either
 
 
 @pytest.mark.slow
 def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(cli, tmp_path):
-    n, flags = 150, ["--epochs", "1000", "--sample-n", "0", "--checkpoint-every", "100000"]
+    n, flags = 150, ["--epochs", "1000", "--sample-n", "0", "--checkpoint-every", "100000", "--log-every", "10"]
     straight = cli.run("train.py", "--max-steps", n, *flags, "--checkpoint-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
 
     p = cli.start("train.py", "--max-steps", n, *flags)
-    wait_for(p, "training from step")
-    time.sleep(1)
+    wait_for(p, "step 20/")
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=600)
     k = load_checkpoint(cli.ckpt)["step"]
-    assert 0 < k < n, "the signal must land mid-run for this test to mean anything"
+    assert 20 <= k < n, "the signal must land mid-run for this test to mean anything"
     resumed = cli.run("train.py", "--max-steps", n, *flags, "--resume", cli.ckpt)
     assert resumed.returncode == 0, resumed.stderr
 
@@ -85,28 +95,29 @@ def test_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(cli, tmp_path)
 
 @pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_complete_checkpoint(cli):
-    flags = ["--epochs", "1000", "--checkpoint-every", "1", "--sample-n", "0"]
+    flags = ["--epochs", "1000", "--checkpoint-every", "1", "--log-every", "1", "--sample-n", "0"]
     assert cli.run("train.py", *flags, "--max-steps", "2").returncode == 0
-    last, kills, mid_write = 2, 0, 0
-    # One kill during start-up, the rest at growing delays into training; every step writes a
-    # checkpoint, so most kills land while one is being written or renamed.
-    for delay in (None, 0.0, 0.1, 0.25, 0.5, 0.8, 1.2, 1.7, 2.5):
+    last, mid_write = 2, 0
+    # One kill during start-up, the rest after 1 to 8 finished steps. Every step writes a checkpoint
+    # right after its progress line; the short pauses after the line only spread the kills over that
+    # save (no assertion depends on where they land).
+    for steps, pause in ((0, 0), (1, 0), (2, 0.002), (3, 0.004), (4, 0.006), (5, 0.008), (6, 0.01), (8, 0.015)):
         p = cli.start("train.py", *flags, "--max-steps", "0", "--resume", cli.ckpt)
-        if delay is None:
-            time.sleep(1)
-        else:
-            wait_for(p, "training from step")
-            time.sleep(delay)
+        wait_for(p, "training from step")
+        for _ in range(steps):
+            wait_for(p, "step ", at_start=True)
+        time.sleep(pause)
         p.kill()
         p.communicate()
-        kills += 1
-        mid_write += (cli.ckpt / "ckpt.pt.tmp").exists() or not (cli.ckpt / "ckpt.pt").exists()
+        mid_write += bool(leftovers(cli.ckpt)) or not (cli.ckpt / "ckpt.pt").exists()
         ckpt = load_checkpoint(cli.ckpt)
         build_model(ckpt)
-        assert ckpt["step"] >= last
+        assert ckpt["step"] >= last + max(0, steps - 1)  # the line of step s + 1 means s is saved
         last = ckpt["step"]
-    assert last > 2, "training made progress across the restarts"
-    print(f"{kills} kills -9, each left a loadable checkpoint; {mid_write} landed mid-save; last step {last}")
+    print(f"8 kills -9, each left a loadable checkpoint; {mid_write} landed mid-save; last step {last}")
+    # The next run takes the lock the killed one held, and sweeps up its temporary files.
+    assert cli.run("train.py", *flags, "--max-steps", last + 1, "--resume", cli.ckpt).returncode == 0
+    assert not leftovers(cli.ckpt)
 
 
 def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, good_checkpoint, monkeypatch):
@@ -153,6 +164,132 @@ def test_divergence_is_one_line_status_1_and_the_checkpoint_is_untouched(cli):
     assert (cli.ckpt / "ckpt.pt").read_bytes() == before
 
 
+# ---------------------------------------------------------------------------- faults: other runs, disks, data
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(cli):
+    first = cli.start("train.py", "--epochs", "1000", "--checkpoint-every", "100000", "--log-every", "5")
+    wait_for(first, "step 5/")
+    second = cli.run("train.py", "--resume", cli.ckpt.parent / "nowhere", "--max-steps", "1")
+    assert second.returncode == 2 and "does not exist" in second.stderr  # bad input is still checked first
+    second = cli.run("train.py", "--max-steps", "1", "--overwrite")
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"is in use by train.py (pid {first.pid}" in second.stderr
+    first.kill()  # kill -9: no chance to release anything by hand
+    first.communicate()
+    third = cli.run("train.py", "--max-steps", "1", "--overwrite", "--sample-n", "0")
+    assert third.returncode == 0, third.stderr  # a dead process's lock is no lock
+
+
+def test_writers_of_one_file_never_share_a_temporary_file(tmp_path):
+    """Two saves of the same checkpoint at once (the old fixed name .tmp made the second crash)."""
+    both_open = threading.Barrier(2, timeout=60)
+
+    def write(payload):
+        def writer(f):
+            f.write(payload)
+            both_open.wait()  # each holds its temporary file open until the other has one too
+        return writer
+
+    threads = [threading.Thread(target=atomic_write, args=(tmp_path / "ckpt.pt", write(bytes([i]) * 1000)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (tmp_path / "ckpt.pt").read_bytes() in (b"\0" * 1000, b"\1" * 1000)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def file_size_limit(nbytes):
+    """For subprocess preexec_fn: no file this process writes may grow past nbytes (writes then fail
+    with EFBIG, as they would with ENOSPC on a full disk; Python ignores SIGXFSZ)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_loses_nothing(cli):
+    assert cli.run("train.py", "--max-steps", "2", "--checkpoint-every", "1", "--sample-n", "0").returncode == 0
+    before = {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")}
+    small = len(before["ckpt.pt"]) // 2
+    r = subprocess.run(cli.command("train.py", "--max-steps", "4", "--resume", cli.ckpt), capture_output=True,
+                       text=True, preexec_fn=file_size_limit(small), cwd=cli.root, timeout=600)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "could not write" in r.stderr and "ckpt.pt" in r.stderr and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before and not leftovers(cli.ckpt)
+
+    (cli.out / "samples.png").write_bytes(b"earlier samples")
+    r = subprocess.run(cli.command("sample.py", "--n", "16", "--steps", "2"), capture_output=True, text=True,
+                       preexec_fn=file_size_limit(2000), cwd=cli.root, timeout=600)
+    assert r.returncode == 1 and "could not write" in r.stderr and "samples.png" in r.stderr, r.stderr
+    assert (cli.out / "samples.png").read_bytes() == b"earlier samples" and not leftovers(cli.out)
+
+
+def damage(case, cli, fake_mnist, monkeypatch):
+    """Spoil the training data the way `case` says; returns the data-dir flag to use."""
+    source, arrays = fake_mnist
+    raw = cli.data / "FashionMNIST" / "raw"
+    if case == "truncated":
+        data.prepare_fashion_mnist(cli.data)
+        (raw / "train-images-idx3-ubyte").write_bytes((raw / "train-images-idx3-ubyte").read_bytes()[:5000])
+    elif case == "corrupt gzip":
+        (source / "train-images-idx3-ubyte.gz").write_bytes(GARBAGE)
+    elif case == "a file":
+        cli.data.write_text("not a folder")
+    elif case == "labels":
+        write_idx(source / "train-labels-idx1-ubyte.gz", arrays["train-labels-idx1-ubyte"][:100])
+    elif case == "not images":
+        write_idx(source / "train-images-idx3-ubyte.gz", arrays["train-images-idx3-ubyte"].reshape(256, 56, 14))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "train-images-idx3-ubyte is damaged: its header promises (256, 28, 28)"),
+    ("corrupt gzip", "train-images-idx3-ubyte.gz (Not a gzipped file"),
+    ("a file", "is a file, not a folder"),
+    ("labels", "train-labels-idx1-ubyte does not match"),
+    ("not images", "holds (56, 14) images, not 28x28"),
+])
+def test_damaged_or_misplaced_data_is_one_line_naming_the_file(case, message, cli, fake_mnist, monkeypatch, fails):
+    damage(case, cli, fake_mnist, monkeypatch)
+    err = fails(train, cli.command("train.py", "--max-steps", "1")[2:])
+    assert message in err
+    assert not cli.ckpt.exists() or not list(cli.ckpt.glob("ckpt*"))
+
+
+def test_weights_that_are_not_finite_are_refused_everywhere(good_checkpoint, tmp_path, cli, fails):
+    import evaluate
+
+    ckpt = load_checkpoint(good_checkpoint)
+    name = next(iter(ckpt["ema"]))
+    torch.save({**ckpt, "ema": {**ckpt["ema"], name: ckpt["ema"][name] * float("nan")}}, tmp_path / "nan.pt")
+    torch.save({**ckpt, "model": {k: v / 0 if v.is_floating_point() else v for k, v in ckpt["model"].items()}},
+               tmp_path / "inf.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples.png").write_bytes(b"earlier samples")
+    for bad in ("nan.pt", "inf.pt"):
+        for module, flags in ((sample, ["--checkpoint"]), (evaluate, ["--checkpoint"]), (train, ["--resume"])):
+            argv = [*flags, tmp_path / bad, "--output-dir", out, *(["--data-dir", cli.data, "--checkpoint-dir",
+                                                                    tmp_path / "ck"] if module is train else [])]
+            err = fails(module, argv)
+            assert "hold NaN or Inf" in err and bad in err, (module.__name__, err)
+    assert [p.name for p in out.iterdir()] == ["samples.png"] and (out / "samples.png").read_bytes() == b"earlier samples"
+
+
+@pytest.mark.slow
+def test_processes_preparing_one_data_folder_at_once_all_succeed(fake_mnist, tmp_path):
+    """As the first process of each machine does under torchrun, or two commands started together."""
+    code = "import sys, data; data.prepare_fashion_mnist(sys.argv[1]); print(len(data.load_fashion_mnist(sys.argv[1])[0]))"
+    env = {**os.environ, "FASHION_MNIST_DIR": str(fake_mnist[0]), "PYTHONPATH": str(ROOT)}
+    for attempt in range(2):
+        target = tmp_path / f"data{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, target], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env) for _ in range(4)]
+        results = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, results
+        assert [out.strip() for out, _ in results] == ["256"] * 4
+
+
 # ---------------------------------------------------------------------------- bad input
 
 class Evil:
@@ -170,8 +307,8 @@ def bad_files(folder, good):
     ckpt = torch.load(good, weights_only=True)
     raw = good.read_bytes()
     files = {"truncated": raw[: len(raw) // 2], "garbage": GARBAGE, "empty": b""}
-    for name, data in files.items():
-        (folder / f"{name}.pt").write_bytes(data)
+    for name, content in files.items():
+        (folder / f"{name}.pt").write_bytes(content)
     torch.save({"state_dict": ckpt["model"]}, folder / "foreign.pt")
     torch.save(torch.zeros(3), folder / "tensor.pt")
     torch.save({k: v for k, v in ckpt.items() if k != "ema"}, folder / "incomplete.pt")
@@ -216,6 +353,9 @@ def test_sample_refuses_every_bad_checkpoint_and_overwrites_nothing(tmp_path, go
     (["--sampler", "ddim", "--eta", "-0.5"], "--eta must be between 0"),
     (["--sampler", "ddpm", "--eta", "1"], "--eta applies to ddim and dpm++"),
     (["--device", "tpu9"], "not a torch device"),
+    (["--guidance", "2"], "--guidance applies to class-conditional models only"),
+    (["--guidance", "-1"], "--guidance must be 0"),
+    (["--class", "bag"], "--class needs a class-conditional model"),
 ])
 def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     err = fails(sample, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path, *args])
@@ -237,6 +377,23 @@ def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     (["--resume", "{good}", "--width", "16"], "--width 16 (checkpoint: 8)"),
     (["--resume", "{good}", "--timesteps", "50"], "--timesteps 50 (checkpoint: 20)"),
     (["--resume", "{garbage}"], "damaged"),
+    (["--width", "56"], "112 channels, which its 3 heads of 32 do not divide"),
+    (["--dropout", "1"], "dropout must be in [0, 1)"),
+    (["--dropout", "-0.1"], "dropout must be in [0, 1)"),
+    (["--attn-resolutions", "5"], "feature maps are 28, 14 pixels wide"),
+    (["--channel-mults", "1", "0"], "channel_mults must be one or more positive integers"),
+    (["--num-res-blocks", "0"], "num_res_blocks must be at least 1"),
+    (["--cond-drop", "0.2"], "--cond-drop applies to class-conditional models only"),
+    (["--conditional", "--cond-drop", "1.5"], "--cond-drop must be in [0, 1]"),
+    (["--sample-n", "-1"], "--sample-n must be 0"),
+    (["--max-steps", "-1"], "--max-steps cannot be negative"),
+    (["--warmup-steps", "-5"], "--warmup-steps cannot be negative"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be positive"),
+    (["--precision", "fp16"], "invalid choice"),
+    (["--resume", "{good}"], "--batch-size 16 (checkpoint: 8)"),
+    (["--resume", "{good}", "--batch-size", "8", "--seed", "1"], "--seed 1 (checkpoint: 0)"),
+    (["--resume", "{good}", "--batch-size", "8", "--preset", "gpu"], "--preset does not apply with --resume"),
+    (["--resume", "{good}", "--batch-size", "8", "--conditional"], "--conditional 10 (checkpoint: 0)"),
 ])
 def test_train_bad_arguments(args, message, cli, good_checkpoint, tmp_path, fails):
     (tmp_path / "a_file").write_text("x")
