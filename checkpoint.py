@@ -25,6 +25,8 @@ FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is no
 VERSION = 2  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")
+UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
+os.umask(UMASK)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -37,6 +39,7 @@ def atomic_write(path, write, previous=None):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique: writers never clash
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -3,14 +3,13 @@ import contextlib
 import gzip
 import io
 import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from checkpoint import atomic_write
 from cli import UserError
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -28,16 +27,14 @@ def _find_idx_files(folder):
 
 
 def _copy(src, dst):
-    """Copy src (decompressing a .gz) to dst through a uniquely named temporary file."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    """Copy src (decompressing a .gz) to dst, atomically."""
     try:
-        with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f, os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(f, out)
-        os.replace(tmp, dst)
+        with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
+            content = f.read()
     except (OSError, EOFError, zlib.error) as e:
-        os.remove(tmp)
         raise UserError(f"cannot read {src} ({e.strerror if isinstance(e, OSError) and e.strerror else e}): it is "
                         f"damaged; get a fresh copy (apt-get install --reinstall dataset-fashion-mnist)") from None
+    atomic_write(dst, lambda f: f.write(content))
 
 
 def prepare_fashion_mnist(data_dir):
