@@ -170,9 +170,8 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
                 shared.manual_seed(step_seed(cfg.seed, step, 0))
                 torch.manual_seed(step_seed(cfg.seed, step, 1 + rank))
                 x0 = to_model_range(images[idx])
-                y = None
-                if model.config.num_classes:
-                    y = drop_labels(labels[idx], cfg.cond_drop, model.config.num_classes, shared)[mine]
+                classes = model.config.num_classes
+                y = drop_labels(labels[idx], cfg.cond_drop, classes, shared)[mine] if classes else None
                 t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device, generator=shared)[mine]
                 noise = torch.randn(x0.shape, device=device, generator=shared)[mine]
                 for group in optimizer.param_groups:
@@ -341,9 +340,8 @@ def fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels
     model, ema, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device, saved)
     steps_per_epoch = len(images) // (ranks * cfg.batch_size)
     log(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, {len(images)} images, "
-        f"{cfg.epochs} epochs of {steps_per_epoch} steps\n"
-        f"effective batch {ranks * cfg.batch_size} ({cfg.batch_size} per process x {ranks} process"
-        f"{'es' if ranks > 1 else ''}), learning rate {cfg.lr:g}\nmodel {model_cfg}\n{diffusion_cfg}\n{cfg}")
+        f"{cfg.epochs} epochs of {steps_per_epoch} steps\neffective batch {ranks * cfg.batch_size} ({cfg.batch_size} "
+        f"per process x {ranks} process{'es' if ranks > 1 else ''}), learning rate {cfg.lr:g}\nmodel {model_cfg}\n{diffusion_cfg}\n{cfg}")
     if saved is None and rank == 0:
         firsts = [int((labels == c).nonzero()[0]) for c in (0, 1, 5, 7, 8)]  # T-shirt, trouser, sandal, sneaker, bag
         save_forward_figure(images[firsts], Diffusion(diffusion_cfg), out / "forward_diffusion.png", cfg.seed)
