@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
-from cli import pick_device, tf32
+from checkpoint import atomic_write
+from cli import ArgumentParser, check, check_writable, default_batch_size, pick_device, run_command, tf32
 from diffusion import Diffusion, DiffusionConfig
 from sample import generate
 from unet import UNet, UNetConfig
@@ -107,8 +108,8 @@ def sample_rate(model, diffusion, sampler, steps, n, precision):
     return n / (time.perf_counter() - start)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="auto", choices=["auto", "cpu", "gpu"], help="model and batch to measure (auto)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (20)")
@@ -118,10 +119,16 @@ def main():
                    help="leave out measurements: compile, ddpm1000 (sampling 1000 steps), training (all of it)")
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data)")
     p.add_argument("--json", default="output/bench.json", help="where to write the results (output/bench.json)")
-    args = p.parse_args()
+    return p
+
+
+def run(args):
+    check(args.steps > 0 and args.warmup >= 0, "--steps must be positive and --warmup not negative")
+    check(args.sample_n is None or args.sample_n > 0, f"--sample-n must be positive, got {args.sample_n}")
+    check_writable(Path(args.json).parent, "--json")
 
     device = pick_device(args.device)
-    args.sample_n = args.sample_n or (1000 if device.type == "cuda" else 64)
+    args.sample_n = args.sample_n or default_batch_size(device)
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
     values = train.PRESETS[preset]
     model_cfg = UNetConfig(**{k: v for k, v in values.items() if k in UNetConfig.__dataclass_fields__})
@@ -159,7 +166,7 @@ def main():
                 rate = loop_rate(model_cfg, replace(cfg, **options), images, device, args.steps, warmup, **extra)
             report(name, rate, train_flops, plain)
 
-    print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, 64 if device.type == 'cpu' else 1000)})")
+    print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, default_batch_size(device))})")
     model.to(device).eval()
     diffusion.to(device)
     grid = [("ddpm", 100), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
@@ -180,11 +187,14 @@ def main():
         rows.append({"setting": f"sample dpm++-20 fp32 {mode}", "images_per_s": rate})
         print(f"  {'dpm++-20 fp32 under ' + mode:<44}{rate:>9.2f} img/s", flush=True)
 
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
+    atomic_write(args.json, lambda f: f.write(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
                                            "train_flops_per_image": train_flops, "sample_flops_per_nfe": sample_flops,
-                                           "matmul_peak_gflops": peak, "rows": rows}, indent=2))
+                                           "matmul_peak_gflops": peak, "rows": rows}, indent=2).encode()))
     print(f"wrote {args.json}")
+
+
+def main(argv=None):
+    run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ except ImportError:  # Windows
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
 VERSION = 2  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
-REQUIRED = ("model", "ema", "config", "step", "epoch")
+REQUIRED = ("model", "ema", "ema_updates", "optimizer", "config", "step", "epoch", "history")
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 
@@ -54,8 +54,9 @@ def atomic_write(path, write, previous=None):
         while cause is not None and not isinstance(cause, OSError):  # torch.save wraps a failed write in
             cause = cause.__context__                                  # a RuntimeError of its zip writer
         if cause is not None:
-            raise WriteError(f"could not write {path}: {cause.strerror or cause}; the file it would replace is "
-                             f"untouched. Free some space or choose another folder") from None
+            kept = f"{path} or {previous}" if previous is not None else str(path)
+            raise WriteError(f"could not write {path}: {cause.strerror or cause}; whatever was there before is kept "
+                             f"({kept}). Free some space or choose another folder") from None
         raise
     return path
 
@@ -100,6 +101,11 @@ def resolve_checkpoint(path):
     raise UserError(f"checkpoint {path} does not exist; train one with `python train.py` or pass --checkpoint PATH")
 
 
+class Damaged(UserError):
+    """The file cannot be what it claims: unreadable, cut short, or missing parts. A damaged ckpt.pt gives
+    way to the ckpt.prev.pt beside it; other refusals (foreign, newer, non-finite) do not."""
+
+
 def _read(path):
     """torch.load with weights_only (tensors and plain data, never code), onto the CPU."""
     try:
@@ -109,10 +115,10 @@ def _read(path):
         if code:
             raise UserError(f"refusing {path}: it asks to run {code[1]}, which weights_only loading never does; "
                             f"load only checkpoints made by train.py") from None
-        raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): not a valid pickle") from None
+        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): not a valid pickle") from None
     except Exception as e:  # truncated, not a zip, not a torch file: all mean the file is unusable
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read checkpoint {path} (damaged or not a checkpoint): {reason[:150]}") from None
+        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): {reason[:100]}") from None
 
 
 def _upgrade(ckpt, path):
@@ -120,14 +126,17 @@ def _upgrade(ckpt, path):
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, "ddpm-fashion-mnist/1"):
         raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
     version = 1 if ckpt["format"] == "ddpm-fashion-mnist/1" else ckpt.get("version")
-    if not isinstance(version, int) or not 1 <= version <= VERSION:
+    if not isinstance(version, int) or version < 1:
+        raise Damaged(f"checkpoint {path} is damaged: its format version is {version!r}, not a number from 1 up")
+    if version > VERSION:
         raise UserError(f"{path} is checkpoint version {version}, and this code reads versions 1 to {VERSION}: "
                         f"update this repository (git pull) to read it")
     missing = sorted(set(REQUIRED) - set(ckpt))
     if missing:
-        raise UserError(f"checkpoint {path} (version {version}) is incomplete: it lacks {', '.join(missing)}")
-    if not all(isinstance(ckpt[k], dict) for k in ("model", "ema", "config")):
-        raise UserError(f"checkpoint {path} (version {version}) is damaged: its weights or config are not tables")
+        raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks {', '.join(missing)}")
+    tables = [ckpt["model"], ckpt["ema"], ckpt["config"], *(ckpt["config"].get(k) for k in ("model", "diffusion"))]
+    if not all(isinstance(t, dict) for t in tables):
+        raise Damaged(f"checkpoint {path} (version {version}) is damaged: its weights or config are not tables")
     if version == 1:  # 2 dropped the RNG state and the per-command limits, and versions the format
         train = dict(ckpt["config"].get("train", {}))
         for key in ("max_steps", "max_minutes", "compile"):
@@ -135,9 +144,14 @@ def _upgrade(ckpt, path):
         # Fields added to version 1 over time, with what a run behaved like before each existed.
         train.setdefault("grad_clip", 0.0)
         train.setdefault("cond_drop", 0.1)
+        # "auto" (bf16 on CUDA, fp32 elsewhere, for a while) becomes fp32: --precision bf16 brings CUDA's back.
         train["precision"] = "bf16" if train.get("precision") == "bf16" else "fp32"
+        model = dict(ckpt["config"]["model"])
+        if "attn_resolutions" in model:  # sizes the network lacks were once accepted and had no effect
+            sizes = [model.get("image_size", 28) // 2**k for k in range(len(model.get("channel_mults", (1, 2, 2))))]
+            model["attn_resolutions"] = [r for r in model["attn_resolutions"] if r in sizes]
         ckpt = {**{k: v for k, v in ckpt.items() if k != "rng"}, "format": FORMAT, "version": VERSION,
-                "config": {**ckpt["config"], "train": train}, "world_size": ckpt.get("world_size", 1)}
+                "config": {**ckpt["config"], "model": model, "train": train}, "world_size": ckpt.get("world_size", 1)}
     return ckpt
 
 
@@ -162,7 +176,7 @@ def open_checkpoint(path, fallback=True):
         return _checked(_read(file), file), file
     except UserError as e:
         previous = file.with_name(CHECKPOINT_NAMES[1])
-        if not (fallback and file.name == CHECKPOINT_NAMES[0] and previous.is_file() and "damaged" in str(e)):
+        if not (fallback and file.name == CHECKPOINT_NAMES[0] and previous.is_file() and isinstance(e, Damaged)):
             raise
         ckpt = _checked(_read(previous), previous)
         print(f"warning: {e}; using the previous checkpoint {previous} (step {ckpt['step']}) instead", file=sys.stderr)
@@ -183,7 +197,7 @@ def build_model(ckpt, device="cpu", ema=True):
         diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
-        raise UserError(f"checkpoint config does not match its weights: {reason[:200]}") from None
+        raise UserError(f"checkpoint config does not match its weights, or is no longer accepted: {reason[:200]}") from None
     return model.to(device).eval(), diffusion.to(device)
 
 
@@ -216,12 +230,9 @@ def locked(folder, flag="--checkpoint-dir"):
         f.close()  # closing releases the lock
 
 
-def claim_folder(folder, resume, source, overwrite):
-    """Before a run writes checkpoints to folder: refuse to start afresh over an earlier run unless told to
-    overwrite it. resume: what --resume named (or None); source: the file open_checkpoint() took from it.
-    Temporary files of a run killed while saving are removed. Where open_checkpoint() fell back from a
-    damaged ckpt.pt in folder, that file is moved aside to ckpt.damaged.pt, so that the next save rotates
-    nothing good away."""
+def claim_folder(folder, source, overwrite):
+    """Before a run writes checkpoints to folder (holding its lock): refuse to start afresh over an earlier
+    run there unless told to overwrite it. source: the file the run resumes from, or None."""
     folder = Path(folder)
     ours = source is not None and source.parent.resolve() == folder.resolve()
     if ours and overwrite:
@@ -230,9 +241,23 @@ def claim_folder(folder, resume, source, overwrite):
     if earlier and not (ours or overwrite):
         raise UserError(f"{folder}/ already holds a run ({', '.join(earlier)}): continue it with --resume {folder}, "
                         f"replace it with --overwrite, or choose another --checkpoint-dir")
-    for leftover in folder.glob(".ckpt*.tmp"):  # of a run killed mid-save; no one else writes here: we hold the lock
+
+
+def take_folder(folder, resume, source, overwrite):
+    """Once every check has passed, make folder ready for the run's saves: remove temporary files of a run
+    killed while saving, the earlier run's checkpoints if overwrite (so that nothing could resume it by
+    mistake), and move a damaged ckpt.pt that open_checkpoint() fell back from (resume: what --resume
+    named) aside to ckpt.damaged*.pt, out of the rotation."""
+    folder = Path(folder)
+    for leftover in folder.glob(".ckpt*.tmp"):  # no one else writes here: the caller holds the lock
         leftover.unlink()
+    if overwrite:
+        for name in CHECKPOINT_NAMES:
+            (folder / name).unlink(missing_ok=True)
     damaged = resolve_checkpoint(resume) if resume else None
-    if ours and damaged != source:
-        os.replace(damaged, folder / "ckpt.damaged.pt")
-        print(f"moved the damaged {damaged} to {folder / 'ckpt.damaged.pt'}")
+    if source is not None and damaged != source and source.parent.resolve() == folder.resolve():
+        aside, i = folder / "ckpt.damaged.pt", 1
+        while aside.exists():  # an earlier one is kept too
+            aside, i = folder / f"ckpt.damaged.{i}.pt", i + 1
+        os.replace(damaged, aside)
+        print(f"moved the damaged {damaged} to {aside}")

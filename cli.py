@@ -28,6 +28,10 @@ class WriteError(Exception):
     """A file could not be written (disk full, I/O error): one line on stderr, status 1."""
 
 
+class Diverged(Exception):
+    """Training's loss or weights stopped being finite; nothing after that point was saved."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, except that a bad flag is one line on stderr (status 2) instead of the usage block."""
 
@@ -39,12 +43,16 @@ def run_command(run, args):
     """Call run(args), turning the errors a user can act on into one line and an exit status."""
     try:
         return run(args)
-    except UserError as e:
+    except (UserError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+    except Diverged as e:
+        print(f"error: training diverged: {e}. Nothing after that was saved: the newest checkpoint is the last good "
+              f"one. Resume from it with a lower --lr.", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C while a first one was being handled
+        print("\naborted; the newest complete checkpoint is where the run saves them", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_writable(folder, flag):
@@ -101,6 +109,11 @@ def start_distributed(device_flag):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def default_batch_size(device):
+    """Images per sampling batch: on a CPU 64 is fastest (more spills the caches), a GPU wants many."""
+    return 64 if device.type == "cpu" else 1000
+
+
 def world():
     """(rank, world size): (0, 1) for a single process."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -120,6 +133,20 @@ def mean_over_ranks(x):
         dist.all_reduce(x)
         x /= world()[1]
     return x
+
+
+def together(work, device):
+    """work() on every process; if it raises a UserError on any, every process raises one (the failing
+    one its own), so that none waits forever for a process that has stopped."""
+    try:
+        result, error = work(), None
+    except UserError as e:
+        result, error = None, e
+    if world()[1] > 1 and agree_to_stop(error and str(error), device) and error is None:
+        raise UserError("another process stopped on a problem; its own message says which")
+    if error is not None:
+        raise error
+    return result
 
 
 def autocast_for(device, precision):

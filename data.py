@@ -27,13 +27,15 @@ def _find_idx_files(folder):
 
 
 def _copy(src, dst):
-    """Copy src (decompressing a .gz) to dst, atomically."""
+    """Copy src (decompressing a .gz) to dst, atomically, once it has proved to be a whole IDX file."""
+    fresh = "get a fresh copy of it (Debian's: apt-get install --reinstall dataset-fashion-mnist)"
     try:
         with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
             content = f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read {src} ({e.strerror if isinstance(e, OSError) and e.strerror else e}): it is "
-                        f"damaged; get a fresh copy (apt-get install --reinstall dataset-fashion-mnist)") from None
+                        f"damaged; {fresh}") from None
+    parse_idx(content, 3 if "images" in dst.name else 1, src, fresh)  # a bad source would be copied forever
     atomic_write(dst, lambda f: f.write(content))
 
 
@@ -70,12 +72,10 @@ def prepare_fashion_mnist(data_dir):
             f"{raw}/ or point $FASHION_MNIST_DIR at them; or rerun with internet access.") from None
 
 
-def read_idx(path, ndim):
-    """A uint8 IDX file (the MNIST format: a 4-byte magic, big-endian sizes, the bytes) as a tensor,
-    checked so that a truncated or foreign file is one line naming it, not a traceback later."""
-    raw = Path(path).read_bytes()
+def parse_idx(raw, ndim, path, fix):
+    """The bytes of a uint8 IDX file (the MNIST format: a 4-byte magic, big-endian sizes, the bytes) as a
+    tensor, checked so that a truncated or foreign file is one line naming it (path) and the fix."""
     header = 4 + 4 * ndim
-    fix = f"delete {path} and run again to copy it afresh"
     if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
         raise UserError(f"{path} is not a uint8 IDX file with {ndim} dimension(s) (damaged?); {fix}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
@@ -83,6 +83,11 @@ def read_idx(path, ndim):
         raise UserError(f"{path} is damaged: its header promises {shape} but it holds {len(raw) - header} bytes "
                         f"of data; {fix}")
     return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy())
+
+
+def read_idx(path, ndim):
+    """parse_idx of the file at path, a copy that prepare_fashion_mnist() made."""
+    return parse_idx(Path(path).read_bytes(), ndim, path, f"delete {path} and run again to copy it afresh")
 
 
 def load_fashion_mnist(data_dir, train=True):

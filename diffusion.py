@@ -28,7 +28,7 @@ class DiffusionConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
-        if self.min_snr_gamma < 0:
+        if not self.min_snr_gamma >= 0:  # NaN too
             raise ValueError(f"min_snr_gamma cannot be negative, got {self.min_snr_gamma}")
 
     def to_dict(self):

@@ -244,10 +244,13 @@ def plan(args, timesteps, conditional):
           "--guidance, --guidance-sweep and --unconditional need a class-conditional checkpoint (train.py --conditional)")
     check(not (args.unconditional and (args.guidance is not None or args.guidance_sweep)),
           "--unconditional samples with no class, where guidance has nothing to steer: drop the guidance flag")
+    check(args.guidance is None or not args.guidance_sweep, "--guidance-sweep scores its own scales: drop --guidance")
     check(min(args.guidance_sweep or [args.guidance or 0]) >= 0, "guidance scales must be 0 or more")
     guidance = GUIDANCE if args.guidance is None else args.guidance
     if args.sweep:
-        return [(w, settings, guidance) for w in ("ema", "raw") for settings in parse_grid(args.grid or GRID, timesteps)]
+        capped = lambda name, steps, *eta: ":".join([name, str(min(int(steps), timesteps)), *eta])  # T < 1000
+        grid = args.grid or list(dict.fromkeys(capped(*entry.split(":")) for entry in GRID))
+        return [(w, settings, guidance) for w in ("ema", "raw") for settings in parse_grid(grid, timesteps)]
     settings = sampler_settings(args.sampler or DEFAULT_SAMPLER, timesteps, args.steps, args.eta)
     return [("raw" if args.no_ema else "ema", settings, w) for w in (args.guidance_sweep or [guidance])]
 
@@ -259,7 +262,7 @@ def run(args):
     ckpt = load_checkpoint(args.checkpoint)
     conditional = ckpt["config"]["model"].get("num_classes", 0) > 0
     runs = plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional)
-    models = {weights: build_model(ckpt, device, ema=weights == "ema") for weights, *_ in runs}
+    models = {weights: build_model(ckpt, device, ema=weights == "ema") for weights in {w for w, *_ in runs}}
     out, classifier_dir = check_writable(args.output_dir, "--output-dir"), check_writable(args.classifier_dir,
                                                                                          "--classifier-dir")
     (train_x, train_y), (test_x, test_y) = load_fashion_mnist(args.data_dir), load_fashion_mnist(args.data_dir, False)

@@ -7,16 +7,11 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import atomic_write, build_model, load_checkpoint
-from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, autocast_for, check, check_writable, describe,
-                 pick_device, run_command, sampler_settings, tf32)
+from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, autocast_for, check, check_writable,
+                 default_batch_size, describe, pick_device, run_command, sampler_settings, tf32)
 from data import CLASSES
 from diffusion import SAMPLERS
 from figures import save_grid, save_labelled
-
-
-def default_batch_size(device):
-    """Images per sampling batch: on a CPU 64 is fastest (more spills the caches), a GPU wants many."""
-    return 64 if device.type == "cpu" else 1000
 
 
 def parse_class(text):

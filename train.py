@@ -13,10 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from checkpoint import claim_folder, locked, make_checkpoint, open_checkpoint, save_checkpoint
-from cli import (DEFAULT_SAMPLER, ArgumentParser, UserError, agree_to_stop, autocast_for, check, check_writable,
+from checkpoint import claim_folder, locked, make_checkpoint, open_checkpoint, save_checkpoint, take_folder
+from cli import (DEFAULT_SAMPLER, ArgumentParser, Diverged, UserError, agree_to_stop, autocast_for, check, check_writable,
                  describe, graceful_signals, mean_over_ranks, run_command, sampler_settings, start_distributed, tf32,
-                 world)
+                 together, world)
 from data import epoch_batches, load_fashion_mnist, prepare_fashion_mnist, to_model_range
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
 from figures import save_forward_figure, save_loss_history
@@ -103,10 +103,6 @@ def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
 def lr_at(step, cfg):
     """Linear warm-up, then constant: Adam's early steps are the unstable ones."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-
-
-class Diverged(Exception):
-    """The loss or the weights stopped being finite; nothing after that point was saved."""
 
 
 def drop_labels(labels, p, null, generator=None):
@@ -241,7 +237,8 @@ def build_parser():
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
-    a("--checkpoint-dir", default="checkpoints", help="where ckpt.pt and ckpt.prev.pt are written (checkpoints)")
+    a("--checkpoint-dir", help="where ckpt.pt and ckpt.prev.pt are written (checkpoints; with --resume, the "
+                               "folder resumed from)")
     a("--output-dir", default="output", help="where the PNGs and loss.csv are written (output)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (500)")
     a("--log-every", type=int, help="steps between progress-bar loss updates (50)")
@@ -275,9 +272,12 @@ def resolve_configs(args, device, saved=None):
         base = {**asdict(TrainConfig()), **saved["model"], **saved["diffusion"], **saved["train"]}
         fixed = [f.name for cls in (UNetConfig, DiffusionConfig) for f in fields(cls)] + list(FIXED_ON_RESUME)
         clash = [k for k in fixed if k in given and given[k] != base[k]]
-        flag = lambda k: "--conditional" if k == "num_classes" else f"--{k.replace('_', '-')}"
-        check(not clash, "--resume continues a run with its model, batch size and seed; drop or change " + ", ".join(
-            f"{flag(k)} {given[k]} (checkpoint: {base[k]})" for k in clash) + ", or start a new run elsewhere")
+        def flag(k):  # as the user gave it, and what the checkpoint has
+            if k == "num_classes":
+                return "--" + "no-" * (not given[k]) + "conditional", "un" * (not base[k]) + "conditional"
+            return f"--{k.replace('_', '-')} {given[k]}", base[k]
+        check(not clash, "--resume continues a run with its model, batch size and seed; drop or change "
+              + ", ".join("%s (checkpoint: %s)" % flag(k) for k in clash) + ", or start a new run elsewhere")
         note = f"config from {args.resume}"
     else:
         preset = given.get("preset", "auto")
@@ -317,20 +317,28 @@ def run(args):
     check(saved is None or saved["world_size"] == ranks,
           f"--resume: the checkpoint was made by {saved and saved['world_size']} process(es); resume it with as "
           f"many (torchrun --nproc_per_node), not {ranks}")
-    out, ckpt_dir = (check_writable(d, flag) for d, flag in ((args.output_dir, "--output-dir"),
-                                                              (args.checkpoint_dir, "--checkpoint-dir")))
-    with locked(ckpt_dir) if rank == 0 else contextlib.nullcontext():
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one process per machine unpacks or downloads the data
-            prepare_fashion_mnist(args.data_dir)
-        if ranks > 1:
-            dist.barrier()
-        images, labels = load_fashion_mnist(args.data_dir)
-        validate(args, model_cfg, cfg, len(images) // ranks)
-        planned = cfg.epochs * (len(images) // (ranks * cfg.batch_size))
-        check(saved is None or saved["step"] < planned, f"--resume: the run already took all {planned} steps of "
-              f"its {cfg.epochs} epochs; give more --epochs to train on")
+    ckpt_dir = args.checkpoint_dir or (source.parent if source else "checkpoints")  # a resumed run stays home
+    out, ckpt_dir = check_writable(args.output_dir, "--output-dir"), check_writable(ckpt_dir, "--checkpoint-dir")
+    with contextlib.ExitStack() as held:
+        def claim():
+            if rank == 0:  # the only process that writes checkpoints
+                held.enter_context(locked(ckpt_dir))
+                claim_folder(ckpt_dir, source, args.overwrite)
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one process per machine unpacks or downloads data
+                prepare_fashion_mnist(args.data_dir)
+
+        def load():
+            images, labels = load_fashion_mnist(args.data_dir)
+            validate(args, model_cfg, cfg, len(images) // ranks)
+            total = min(cfg.epochs * (len(images) // (ranks * cfg.batch_size)), cfg.max_steps or math.inf)
+            check(saved is None or saved["step"] < total, f"--resume: the run is at step {saved and saved['step']}, "
+                  f"and this command would stop at {total}: give more --epochs (or a larger --max-steps)")
+            return images, labels
+
+        together(claim, device)
+        images, labels = together(load, device)
         if rank == 0:
-            claim_folder(ckpt_dir, args.resume, source, args.overwrite)
+            take_folder(ckpt_dir, args.resume, source, args.overwrite)
         return fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels, out, ckpt_dir)
 
 
@@ -355,11 +363,10 @@ def fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels
     if rank > 0:
         return model, ema, state
     save_loss_history(state["history"], out, diffusion_cfg.loss_name())
-    path = ckpt_dir / "ckpt.pt"
-    print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint {path}; "
+    print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint in {ckpt_dir}/; "
           f"loss curve {out / 'loss.png'}")
     if stopped:
-        print(f"stopped early by {stopped}; to continue: python train.py --resume {path}")
+        print(f"stopped early by {stopped}; to continue: python train.py --resume {ckpt_dir}")
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
         return model, ema, state
     settings = sampler_settings(DEFAULT_SAMPLER, diffusion.timesteps)
@@ -371,16 +378,8 @@ def fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels
 
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a log file as they happen
-    args = build_parser().parse_args(argv)
     try:
-        run_command(run, args)
-    except Diverged as e:
-        print(f"error: training diverged: {e}. Nothing after that was saved: the newest checkpoint in "
-              f"{args.checkpoint_dir}/ is the last good one. Resume from it with a lower --lr.", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"\naborted; the newest complete checkpoint is in {args.checkpoint_dir}/", file=sys.stderr)
-        sys.exit(130)
+        run_command(run, build_parser().parse_args(argv))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

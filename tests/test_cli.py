@@ -1,8 +1,12 @@
 """The scripts as a user runs them: real processes, real files."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from checkpoint import load_checkpoint
+from conftest import TINY_FLAGS
 
 
 @pytest.mark.slow
@@ -46,6 +50,7 @@ def test_a_fresh_run_never_replaces_an_earlier_one(cli):
     replaced = cli.run("train.py", "--max-steps", "2", "--sample-n", "0", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert load_checkpoint(cli.ckpt)["step"] == 2
+    assert not (cli.ckpt / "ckpt.prev.pt").exists()  # the old run is gone, not lying in wait for a --resume
 
 
 @pytest.mark.slow
@@ -56,11 +61,16 @@ def test_limits_belong_to_the_command_not_the_run(cli):
     assert r.returncode == 0, r.stderr
     assert "training from step 3 to 16" in r.stdout and "trained to step 16" in r.stdout
     before = {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")}
-    done = cli.run("train.py", "--resume", cli.ckpt, "--sample-n", "0")
-    assert done.returncode == 2 and "already took all 16 steps of its 1 epochs" in done.stderr, done.stderr
-    assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before  # nothing rotated away
-    more = cli.run("train.py", "--resume", cli.ckpt, "--sample-n", "0", "--epochs", "2", "--max-steps", "20")
+    for flags, stop in (([], 16), (["--epochs", "2", "--max-steps", "10"], 10)):
+        done = cli.run("train.py", "--resume", cli.ckpt, "--sample-n", "0", *flags)
+        assert done.returncode == 2 and f"is at step 16, and this command would stop at {stop}" in done.stderr
+        assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before  # nothing rotated away
+    # Without --checkpoint-dir a resumed run goes on in the folder it came from, not in ./checkpoints.
+    command = [sys.executable, cli.root / "train.py", "--data-dir", cli.data, *TINY_FLAGS, "--output-dir", cli.out,
+               "--resume", cli.ckpt, "--sample-n", "0", "--epochs", "2", "--max-steps", "20"]
+    more = subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=cli.out.parent, timeout=600)
     assert more.returncode == 0 and "training from step 16 to 20" in more.stdout, more.stderr
+    assert load_checkpoint(cli.ckpt)["step"] == 20 and not (cli.out.parent / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -88,3 +98,11 @@ def test_the_suite_hides_cuda_from_itself_and_every_process_it_starts(cli):
     seen = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=cli.env,
                           capture_output=True, text=True).stdout
     assert seen.strip() == "0"
+
+
+def test_bench_flags_are_checked_like_every_other_command(fails, tmp_path):
+    import bench
+
+    assert "--steps must be positive" in fails(bench, ["--steps", "0", "--json", tmp_path / "b.json"])
+    assert "--sample-n must be positive" in fails(bench, ["--sample-n", "-2", "--json", tmp_path / "b.json"])
+    assert not (tmp_path / "b.json").exists()

@@ -78,3 +78,20 @@ def test_a_fixed_device_under_torchrun_is_refused(cli, monkeypatch, fails):
     err = fails(train, ["--device", "cuda:1", "--data-dir", cli.data, "--checkpoint-dir", cli.ckpt])
     assert "LOCAL_RANK" in err and "cuda:1" in err
     assert not cli.ckpt.exists()
+
+
+def test_a_problem_found_by_one_process_stops_them_all(cli, tmp_path):
+    """Only rank 0 locks and checks the checkpoint folder: when it refuses, the other rank must not wait
+    for it forever at the next collective."""
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / "ckpt.pt").write_bytes(b"an earlier run")
+    command = cli.command("train.py", *FLAGS, "--checkpoint-dir", folder)
+    command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # then train.py
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cli.root, timeout=300,
+                          env={**cli.env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "already holds a run" in done.stderr and "another process stopped on a problem" in done.stderr
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.count("exitcode: 2") + done.stderr.count("exitcode  : 2") >= 2  # both ranks, one line each
+    assert (folder / "ckpt.pt").read_bytes() == b"an earlier run"

@@ -142,6 +142,18 @@ def test_a_single_evaluation_scores_what_sample_py_would_draw(argv, expected):
     assert (weights, settings, guidance) == ("ema", expected, evaluate.GUIDANCE)
 
 
+def test_guidance_and_a_guidance_sweep_are_not_both_taken():
+    args = evaluate.build_parser().parse_args(["--guidance", "1", "--guidance-sweep", "0", "2"])
+    with pytest.raises(evaluate.UserError, match="--guidance-sweep scores its own scales: drop --guidance"):
+        evaluate.plan(args, 20, conditional=True)
+
+
+def test_the_default_sweep_fits_a_model_with_fewer_timesteps():
+    runs = evaluate.plan(evaluate.build_parser().parse_args(["--sweep"]), 20, False)  # was: "ddpm:1000" refused
+    assert max(settings["steps"] for _, settings, _ in runs) == 20
+    assert len(runs) == len({(w, tuple(s.items())) for w, s, _ in runs})  # no row twice
+
+
 def test_the_default_sweep_includes_the_default_sampler():
     runs = evaluate.plan(evaluate.build_parser().parse_args(["--sweep"]), 1000, False)
     assert ("ema", {"sampler": "dpm++", "steps": 20, "eta": 1.0}, evaluate.GUIDANCE) in runs

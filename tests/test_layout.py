@@ -57,6 +57,35 @@ def test_the_rule_catches_what_it_is_for():
     assert violations("evaluate", "from sample import generate\nimport train\ntrain.train()") == []
 
 
+# What a checkpoint of each format version holds. Change a config's fields or the checkpoint's keys, and
+# this fails until VERSION is bumped and checkpoint._upgrade() reads the version before (the bug of
+# version 1: TrainConfig grew fields under one format string, and older files ended in a KeyError).
+LAYOUTS = {2: {
+    "keys": ["config", "ema", "ema_updates", "epoch", "format", "history", "model", "optimizer", "step", "version",
+             "world_size"],
+    "UNetConfig": ["attn_resolutions", "channel_mults", "dropout", "image_size", "in_channels", "num_classes",
+                   "num_res_blocks", "width"],
+    "DiffusionConfig": ["min_snr_gamma", "prediction", "schedule", "timesteps"],
+    "TrainConfig": ["batch_size", "checkpoint_every", "cond_drop", "ema_decay", "epochs", "grad_clip", "log_every",
+                    "lr", "precision", "seed", "warmup_steps"],
+}}
+
+
+def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):
+    from dataclasses import fields
+
+    import checkpoint
+    import train
+    from diffusion import DiffusionConfig
+    from unet import UNetConfig
+
+    ckpt = checkpoint.load_checkpoint(good_checkpoint)
+    now = {"keys": sorted(ckpt), "UNetConfig": sorted(f.name for f in fields(UNetConfig)),
+           "DiffusionConfig": sorted(f.name for f in fields(DiffusionConfig)),
+           "TrainConfig": sorted(train.TrainConfig().recipe())}
+    assert now == LAYOUTS[checkpoint.VERSION], "bump checkpoint.VERSION, upgrade the old version, record it here"
+
+
 def test_no_file_outgrows_a_sitting():
     lengths = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
     assert max(lengths.values()) <= 400, lengths

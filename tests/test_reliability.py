@@ -11,11 +11,13 @@ import time
 import pytest
 import torch
 
+import gzip
+
 import data
 import sample
 import train
 from checkpoint import atomic_write, build_model, load_checkpoint, save_checkpoint
-from cli import WriteError
+from cli import Diverged, WriteError
 from conftest import ROOT, write_idx
 
 CPU = torch.device("cpu")
@@ -115,7 +117,8 @@ def test_kill_9_at_any_moment_leaves_a_complete_checkpoint(cli):
         assert ckpt["step"] >= last + max(0, steps - 1)  # the line of step s + 1 means s is saved
         last = ckpt["step"]
     print(f"8 kills -9, each left a loadable checkpoint; {mid_write} landed mid-save; last step {last}")
-    # The next run takes the lock the killed one held, and sweeps up its temporary files.
+    # The next run takes the lock the killed one held, and sweeps up temporary files of killed saves.
+    (cli.ckpt / ".ckpt.pt.killed.tmp").write_bytes(b"half a checkpoint")
     assert cli.run("train.py", *flags, "--max-steps", last + 1, "--resume", cli.ckpt).returncode == 0
     assert not leftovers(cli.ckpt)
 
@@ -146,7 +149,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
         return hooked
 
     cfg = train.TrainConfig(epochs=1, batch_size=2, checkpoint_every=2, log_every=1)
-    with pytest.raises(train.Diverged, match="nan at step 6"):
+    with pytest.raises(Diverged, match="nan at step 6"):
         tiny_run(tmp_path, tiny_config, cfg, loss_hook=poison_from_step_6)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["step"] == 4
@@ -238,6 +241,9 @@ def damage(case, cli, fake_mnist, monkeypatch):
         cli.data.write_text("not a folder")
     elif case == "labels":
         write_idx(source / "train-labels-idx1-ubyte.gz", arrays["train-labels-idx1-ubyte"][:100])
+    elif case == "truncated source":  # a whole .gz of half a file: copying it would not mend anything
+        gz = source / "train-images-idx3-ubyte.gz"
+        gz.write_bytes(gzip.compress(gzip.decompress(gz.read_bytes())[:5000]))
     elif case == "not images":
         write_idx(source / "train-images-idx3-ubyte.gz", arrays["train-images-idx3-ubyte"].reshape(256, 56, 14))
 
@@ -248,6 +254,7 @@ def damage(case, cli, fake_mnist, monkeypatch):
     ("a file", "is a file, not a folder"),
     ("labels", "train-labels-idx1-ubyte does not match"),
     ("not images", "holds (56, 14) images, not 28x28"),
+    ("truncated source", "train-images-idx3-ubyte.gz is damaged: its header promises (256, 28, 28)"),
 ])
 def test_damaged_or_misplaced_data_is_one_line_naming_the_file(case, message, cli, fake_mnist, monkeypatch, fails):
     damage(case, cli, fake_mnist, monkeypatch)
@@ -274,6 +281,13 @@ def test_weights_that_are_not_finite_are_refused_everywhere(good_checkpoint, tmp
             err = fails(module, argv)
             assert "hold NaN or Inf" in err and bad in err, (module.__name__, err)
     assert [p.name for p in out.iterdir()] == ["samples.png"] and (out / "samples.png").read_bytes() == b"earlier samples"
+    # Not finite is not damaged: a folder's NaN ckpt.pt is refused, not skipped for the ckpt.prev.pt beside it
+    # (even in a folder whose name says "damaged").
+    folder = tmp_path / "damaged_run"
+    folder.mkdir()
+    (tmp_path / "nan.pt").rename(folder / "ckpt.pt")
+    torch.save(ckpt, folder / "ckpt.prev.pt")
+    assert "hold NaN or Inf" in fails(sample, ["--checkpoint", folder, "--output-dir", out])
 
 
 @pytest.mark.slow
@@ -386,6 +400,7 @@ def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     (["--cond-drop", "0.2"], "--cond-drop applies to class-conditional models only"),
     (["--conditional", "--cond-drop", "1.5"], "--cond-drop must be in [0, 1]"),
     (["--sample-n", "-1"], "--sample-n must be 0"),
+    (["--min-snr-gamma", "nan"], "min_snr_gamma cannot be negative, got nan"),
     (["--max-steps", "-1"], "--max-steps cannot be negative"),
     (["--warmup-steps", "-5"], "--warmup-steps cannot be negative"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be positive"),
@@ -393,7 +408,7 @@ def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     (["--resume", "{good}"], "--batch-size 16 (checkpoint: 8)"),
     (["--resume", "{good}", "--batch-size", "8", "--seed", "1"], "--seed 1 (checkpoint: 0)"),
     (["--resume", "{good}", "--batch-size", "8", "--preset", "gpu"], "--preset does not apply with --resume"),
-    (["--resume", "{good}", "--batch-size", "8", "--conditional"], "--conditional 10 (checkpoint: 0)"),
+    (["--resume", "{good}", "--batch-size", "8", "--conditional"], "--conditional (checkpoint: unconditional)"),
 ])
 def test_train_bad_arguments(args, message, cli, good_checkpoint, tmp_path, fails):
     (tmp_path / "a_file").write_text("x")

@@ -155,7 +155,8 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_ru
 
 
 def test_save_keeps_the_previous_checkpoint(tmp_path):
-    minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "config": {}, "epoch": 0}
+    minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "ema_updates": 0, "optimizer": {},
+               "config": {"model": {}, "diffusion": {}}, "epoch": 0, "history": []}
     save_checkpoint({**minimal, "step": 1}, tmp_path)
     save_checkpoint({**minimal, "step": 2}, tmp_path)
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
@@ -237,6 +238,8 @@ def test_older_checkpoints_load_and_newer_ones_say_so(good_checkpoint, tmp_path,
     model_cfg, _, cfg, _ = train.resolve_configs(parse("--resume", "x"), torch.device("cpu"), upgraded["config"])
     assert model_cfg.width == 8 and cfg.max_steps == 0 and not cfg.compile  # was a KeyError
 
+    torch.save({**ckpt, "version": None}, tmp_path / "none.pt")  # ours, but no version: damaged, not newer
+    assert "is damaged: its format version is None" in fails(sample, ["--checkpoint", tmp_path / "none.pt"])
     torch.save({**ckpt, "version": VERSION + 1}, tmp_path / "v3.pt")
     err = fails(sample, ["--checkpoint", tmp_path / "v3.pt", "--output-dir", tmp_path / "o3"])
     assert f"version {VERSION + 1}, and this code reads versions 1 to {VERSION}" in err
