@@ -125,3 +125,17 @@ def fails(capsys):
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         return err
     return run
+
+
+def wait_for(proc, text, at_start=False):
+    """Read proc's stdout until a line containing text (or starting with it): by then the process has
+    reached that point."""
+    for line in proc.stdout:
+        if line.startswith(text) if at_start else text in line:
+            return
+    raise AssertionError(f"the process ended without printing {text!r}: {proc.stderr.read()}")
+
+
+def leftovers(folder):
+    """Temporary files left in folder (a save that did not finish, or was never cleaned up)."""
+    return sorted(p.name for p in folder.glob(".*.tmp"))

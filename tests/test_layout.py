@@ -87,5 +87,7 @@ def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkp
 
 
 def test_no_file_outgrows_a_sitting():
-    lengths = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
+    """Read in one sitting: the aim is about 350 lines a file; this fails past 400, the tests included."""
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in [*ROOT.glob("*.py"),
+                                                                                  *ROOT.glob("tests/*.py")]}
     assert max(lengths.values()) <= 400, lengths
