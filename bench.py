@@ -123,7 +123,7 @@ def build_parser():
 
 
 def run(args):
-    check(args.steps > 0 and args.warmup >= 0, "--steps must be positive and --warmup not negative")
+    check(args.steps > 0 and args.warmup > 0, "--steps and --warmup must be positive")
     check(args.sample_n is None or args.sample_n > 0, f"--sample-n must be positive, got {args.sample_n}")
     check_writable(Path(args.json).parent, "--json")
 

@@ -24,7 +24,8 @@ except ImportError:  # Windows
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
 VERSION = 2  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
-REQUIRED = ("model", "ema", "ema_updates", "optimizer", "config", "step", "epoch", "history")
+REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
+RESUME = ("optimizer", "ema_updates", "history")
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 
@@ -134,7 +135,9 @@ def _upgrade(ckpt, path):
     missing = sorted(set(REQUIRED) - set(ckpt))
     if missing:
         raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks {', '.join(missing)}")
-    tables = [ckpt["model"], ckpt["ema"], ckpt["config"], *(ckpt["config"].get(k) for k in ("model", "diffusion"))]
+    config = ckpt["config"]
+    tables = (ckpt["model"], ckpt["ema"], *((config.get(k, {}) for k in ("model", "diffusion", "train"))
+                                            if isinstance(config, dict) else [None]))
     if not all(isinstance(t, dict) for t in tables):
         raise Damaged(f"checkpoint {path} (version {version}) is damaged: its weights or config are not tables")
     if version == 1:  # 2 dropped the RNG state and the per-command limits, and versions the format
@@ -188,6 +191,24 @@ def load_checkpoint(path, fallback=True):
     return open_checkpoint(path, fallback)[0]
 
 
+def restore(ckpt, model, ema, optimizer, state):
+    """Load a checkpoint's training state into a freshly built model, its EMA (an AveragedModel), Adam and
+    the loop state dict; a checkpoint that lacks it or does not fit them is refused in one line."""
+    missing = [k for k in RESUME if k not in ckpt]
+    if missing:
+        raise UserError(f"the checkpoint cannot be resumed: it lacks {', '.join(missing)} (sample.py can still "
+                        f"draw from it)")
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.fill_(ckpt["ema_updates"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.update(step=ckpt["step"], epoch=ckpt["epoch"], history=[tuple(h) for h in ckpt["history"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: {reason[:200]}") from None
+
+
 def build_model(ckpt, device="cpu", ema=True):
     """Rebuild the U-Net (EMA weights unless ema=False) and diffusion from the checkpoint alone."""
     config = ckpt["config"]
@@ -230,11 +251,17 @@ def locked(folder, flag="--checkpoint-dir"):
         f.close()  # closing releases the lock
 
 
+def continues(folder, source):
+    """Whether a run resuming from the file `source` continues the run saved in folder: it is one of that
+    folder's own checkpoints (another file there, such as a kept copy, is not)."""
+    return source is not None and source.name in CHECKPOINT_NAMES and source.parent.resolve() == Path(folder).resolve()
+
+
 def claim_folder(folder, source, overwrite):
     """Before a run writes checkpoints to folder (holding its lock): refuse to start afresh over an earlier
     run there unless told to overwrite it. source: the file the run resumes from, or None."""
     folder = Path(folder)
-    ours = source is not None and source.parent.resolve() == folder.resolve()
+    ours = continues(folder, source)
     if ours and overwrite:
         raise UserError("--overwrite starts a new run over an old one, --resume continues it: give one of them")
     earlier = [name for name in CHECKPOINT_NAMES if (folder / name).exists()]
@@ -255,7 +282,7 @@ def take_folder(folder, resume, source, overwrite):
         for name in CHECKPOINT_NAMES:
             (folder / name).unlink(missing_ok=True)
     damaged = resolve_checkpoint(resume) if resume else None
-    if source is not None and damaged != source and source.parent.resolve() == folder.resolve():
+    if continues(folder, source) and damaged != source:
         aside, i = folder / "ckpt.damaged.pt", 1
         while aside.exists():  # an earlier one is kept too
             aside, i = folder / f"ckpt.damaged.{i}.pt", i + 1

@@ -47,11 +47,10 @@ def run_command(run, args):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
     except Diverged as e:
-        print(f"error: training diverged: {e}. Nothing after that was saved: the newest checkpoint is the last good "
-              f"one. Resume from it with a lower --lr.", file=sys.stderr)
+        print(f"error: training diverged: {e}. Resume from it with a lower --lr.", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # a second Ctrl-C while a first one was being handled
-        print("\naborted; the newest complete checkpoint is where the run saves them", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C where no handler of ours runs, or a second one while training
+        print("\naborted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -136,13 +135,13 @@ def mean_over_ranks(x):
 
 
 def together(work, device):
-    """work() on every process; if it raises a UserError on any, every process raises one (the failing
-    one its own), so that none waits forever for a process that has stopped."""
+    """work() on every process; if it raises on any, every process raises (the failing one its own error,
+    the others a UserError), so that none waits forever for a process that has stopped."""
     try:
         result, error = work(), None
-    except UserError as e:
+    except Exception as e:  # any failure: the others must hear of it before they wait on this process
         result, error = None, e
-    if world()[1] > 1 and agree_to_stop(error and str(error), device) and error is None:
+    if world()[1] > 1 and agree_to_stop("failed" if error else None, device) and error is None:
         raise UserError("another process stopped on a problem; its own message says which")
     if error is not None:
         raise error

@@ -28,7 +28,8 @@ def _find_idx_files(folder):
 
 def _copy(src, dst):
     """Copy src (decompressing a .gz) to dst, atomically, once it has proved to be a whole IDX file."""
-    fresh = "get a fresh copy of it (Debian's: apt-get install --reinstall dataset-fashion-mnist)"
+    fresh = ("get a fresh copy: apt-get install --reinstall dataset-fashion-mnist" if DEBIAN_DIR in src.parents
+             else "replace it with a good copy")
     try:
         with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
             content = f.read()

@@ -29,7 +29,7 @@ class DiffusionConfig:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
         if not self.min_snr_gamma >= 0:  # NaN too
-            raise ValueError(f"min_snr_gamma cannot be negative, got {self.min_snr_gamma}")
+            raise ValueError(f"min_snr_gamma must be 0 (off) or more, got {self.min_snr_gamma}")
 
     def to_dict(self):
         return asdict(self)

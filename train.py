@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from checkpoint import claim_folder, locked, make_checkpoint, open_checkpoint, save_checkpoint, take_folder
+from checkpoint import (claim_folder, continues, locked, make_checkpoint, open_checkpoint, restore, save_checkpoint,
+                        take_folder)
 from cli import (DEFAULT_SAMPLER, ArgumentParser, Diverged, UserError, agree_to_stop, autocast_for, check, check_writable,
                  describe, graceful_signals, mean_over_ranks, run_command, sampler_settings, start_distributed, tf32,
                  together, world)
@@ -92,11 +93,7 @@ def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "history": []}
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        ema.module.load_state_dict(saved["ema"])
-        ema.n_averaged.fill_(saved["ema_updates"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(step=saved["step"], epoch=saved["epoch"], history=[tuple(h) for h in saved["history"]])
+        restore(saved, model, ema, optimizer, state)
     return model, ema, diffusion, optimizer, state
 
 
@@ -317,7 +314,8 @@ def run(args):
     check(saved is None or saved["world_size"] == ranks,
           f"--resume: the checkpoint was made by {saved and saved['world_size']} process(es); resume it with as "
           f"many (torchrun --nproc_per_node), not {ranks}")
-    ckpt_dir = args.checkpoint_dir or (source.parent if source else "checkpoints")  # a resumed run stays home
+    home = source.parent if source is not None and continues(source.parent, source) else None
+    ckpt_dir = args.checkpoint_dir or home or "checkpoints"  # a resumed run goes on where it was saved
     out, ckpt_dir = check_writable(args.output_dir, "--output-dir"), check_writable(ckpt_dir, "--checkpoint-dir")
     with contextlib.ExitStack() as held:
         def claim():
@@ -330,22 +328,24 @@ def run(args):
         def load():
             images, labels = load_fashion_mnist(args.data_dir)
             validate(args, model_cfg, cfg, len(images) // ranks)
-            total = min(cfg.epochs * (len(images) // (ranks * cfg.batch_size)), cfg.max_steps or math.inf)
-            check(saved is None or saved["step"] < total, f"--resume: the run is at step {saved and saved['step']}, "
-                  f"and this command would stop at {total}: give more --epochs (or a larger --max-steps)")
-            return images, labels
+            planned = cfg.epochs * (len(images) // (ranks * cfg.batch_size))
+            limit = "--max-steps" if 0 < cfg.max_steps < planned else "--epochs"
+            check(saved is None or saved["step"] < min(planned, cfg.max_steps or planned), f"--resume: the run is at "
+                  f"step {saved and saved['step']}, where this command would stop: give a larger {limit}")
+            built = setup(model_cfg, diffusion_cfg, cfg, device, saved)  # a checkpoint that does not fit: refused
+            if rank == 0:  # the last step before training: every check has passed
+                take_folder(ckpt_dir, args.resume, source, args.overwrite)
+            return images, labels, built
 
         together(claim, device)
-        images, labels = together(load, device)
-        if rank == 0:
-            take_folder(ckpt_dir, args.resume, source, args.overwrite)
-        return fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels, out, ckpt_dir)
+        return fit(args, cfg, device, saved, note, *together(load, device), out, ckpt_dir)
 
 
-def fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels, out, ckpt_dir):
-    """run()'s second half, once everything is checked: set up, train, and write the loss curve and samples."""
+def fit(args, cfg, device, saved, note, images, labels, built, out, ckpt_dir):
+    """run()'s second half, once everything is checked: train, and write the loss curve and samples."""
     (rank, ranks), log = world(), print if world()[0] == 0 else lambda *_: None
-    model, ema, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device, saved)
+    model, ema, diffusion, optimizer, state = built
+    model_cfg, diffusion_cfg = model.config, diffusion.config
     steps_per_epoch = len(images) // (ranks * cfg.batch_size)
     log(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, {len(images)} images, "
         f"{cfg.epochs} epochs of {steps_per_epoch} steps\neffective batch {ranks * cfg.batch_size} ({cfg.batch_size} "
@@ -358,8 +358,13 @@ def fit(args, model_cfg, diffusion_cfg, cfg, device, saved, note, images, labels
             save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg.recipe(), state, ranks), ckpt_dir)
 
     started = time.time()
-    with tf32(device.type == "cuda"):  # TF32 matmuls for training; sampling stays in full fp32
-        stopped = train(model, ema, diffusion, optimizer, images.to(device), cfg, device, state, save, labels.to(device))
+    try:
+        with tf32(device.type == "cuda"):  # TF32 matmuls for training; sampling stays in full fp32
+            stopped = train(model, ema, diffusion, optimizer, images.to(device), cfg, device, state, save,
+                            labels.to(device))
+    except Diverged as e:
+        raise Diverged(f"{e}. Nothing after that was saved: the newest checkpoint in {ckpt_dir}/ is the last good "
+                       f"one") from None
     if rank > 0:
         return model, ema, state
     save_loss_history(state["history"], out, diffusion_cfg.loss_name())

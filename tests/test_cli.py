@@ -47,6 +47,11 @@ def test_a_fresh_run_never_replaces_an_earlier_one(cli):
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert "already holds a run" in again.stderr and "--resume" in again.stderr and "--overwrite" in again.stderr
     assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before
+    # A copy kept beside the run is not the run: resuming from it there would rotate the run away.
+    (cli.ckpt / "kept.pt").write_bytes(before["ckpt.prev.pt"])
+    fork = cli.run("train.py", "--max-steps", "6", "--sample-n", "0", "--resume", cli.ckpt / "kept.pt")
+    assert fork.returncode == 2 and "already holds a run" in fork.stderr, fork.stderr
+    assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before
     replaced = cli.run("train.py", "--max-steps", "2", "--sample-n", "0", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert load_checkpoint(cli.ckpt)["step"] == 2
@@ -61,9 +66,10 @@ def test_limits_belong_to_the_command_not_the_run(cli):
     assert r.returncode == 0, r.stderr
     assert "training from step 3 to 16" in r.stdout and "trained to step 16" in r.stdout
     before = {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")}
-    for flags, stop in (([], 16), (["--epochs", "2", "--max-steps", "10"], 10)):
+    for flags, limit in (([], "--epochs"), (["--epochs", "2", "--max-steps", "10"], "--max-steps")):
         done = cli.run("train.py", "--resume", cli.ckpt, "--sample-n", "0", *flags)
-        assert done.returncode == 2 and f"is at step 16, and this command would stop at {stop}" in done.stderr
+        assert done.returncode == 2 and "is at step 16, where this command would stop" in done.stderr
+        assert f"give a larger {limit}" in done.stderr
         assert {p.name: p.read_bytes() for p in cli.ckpt.glob("ckpt*.pt")} == before  # nothing rotated away
     # Without --checkpoint-dir a resumed run goes on in the folder it came from, not in ./checkpoints.
     command = [sys.executable, cli.root / "train.py", "--data-dir", cli.data, *TINY_FLAGS, "--output-dir", cli.out,
@@ -103,6 +109,6 @@ def test_the_suite_hides_cuda_from_itself_and_every_process_it_starts(cli):
 def test_bench_flags_are_checked_like_every_other_command(fails, tmp_path):
     import bench
 
-    assert "--steps must be positive" in fails(bench, ["--steps", "0", "--json", tmp_path / "b.json"])
+    assert "--steps and --warmup must be positive" in fails(bench, ["--steps", "0", "--json", tmp_path / "b.json"])
     assert "--sample-n must be positive" in fails(bench, ["--sample-n", "-2", "--json", tmp_path / "b.json"])
     assert not (tmp_path / "b.json").exists()

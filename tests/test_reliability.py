@@ -242,7 +242,7 @@ def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     (["--cond-drop", "0.2"], "--cond-drop applies to class-conditional models only"),
     (["--conditional", "--cond-drop", "1.5"], "--cond-drop must be in [0, 1]"),
     (["--sample-n", "-1"], "--sample-n must be 0"),
-    (["--min-snr-gamma", "nan"], "min_snr_gamma cannot be negative, got nan"),
+    (["--min-snr-gamma", "nan"], "min_snr_gamma must be 0 (off) or more, got nan"),
     (["--max-steps", "-1"], "--max-steps cannot be negative"),
     (["--warmup-steps", "-5"], "--warmup-steps cannot be negative"),
     (["--checkpoint-every", "0"], "--checkpoint-every must be positive"),
@@ -250,12 +250,19 @@ def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     (["--resume", "{good}"], "--batch-size 16 (checkpoint: 8)"),
     (["--resume", "{good}", "--batch-size", "8", "--seed", "1"], "--seed 1 (checkpoint: 0)"),
     (["--resume", "{good}", "--batch-size", "8", "--preset", "gpu"], "--preset does not apply with --resume"),
+    (["--resume", "{misfit}", "--batch-size", "8"], "does not fit its own config, so it cannot be resumed"),
+    (["--resume", "{weights}", "--batch-size", "8"], "cannot be resumed: it lacks optimizer, history"),
     (["--resume", "{good}", "--batch-size", "8", "--conditional"], "--conditional (checkpoint: unconditional)"),
 ])
 def test_train_bad_arguments(args, message, cli, good_checkpoint, tmp_path, fails):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "garbage.pt").write_bytes(GARBAGE[:100])
-    args = [a.format(file=tmp_path / "a_file", good=good_checkpoint, garbage=tmp_path / "garbage.pt") for a in args]
+    ckpt = torch.load(good_checkpoint, weights_only=True)
+    adam = ckpt["optimizer"]  # Adam's state for another model: loads as a checkpoint, cannot resume
+    torch.save({**ckpt, "optimizer": {**adam, "param_groups": adam["param_groups"][:0]}}, tmp_path / "misfit.pt")
+    torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "history")}, tmp_path / "weights.pt")
+    args = [a.format(file=tmp_path / "a_file", good=good_checkpoint, garbage=tmp_path / "garbage.pt",
+                     misfit=tmp_path / "misfit.pt", weights=tmp_path / "weights.pt") for a in args]
     cli.ckpt.mkdir()
     (cli.ckpt / "ckpt.pt").write_bytes(b"an earlier run")
     err = fails(train, cli.command("train.py", *args, "--overwrite")[2:])  # replacing it is allowed, not done
