@@ -187,9 +187,10 @@ def run(args):
         rows.append({"setting": f"sample dpm++-20 fp32 {mode}", "images_per_s": rate})
         print(f"  {'dpm++-20 fp32 under ' + mode:<44}{rate:>9.2f} img/s", flush=True)
 
-    atomic_write(args.json, lambda f: f.write(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
-                                           "train_flops_per_image": train_flops, "sample_flops_per_nfe": sample_flops,
-                                           "matmul_peak_gflops": peak, "rows": rows}, indent=2).encode()))
+    results = {"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
+               "train_flops_per_image": train_flops, "sample_flops_per_nfe": sample_flops,
+               "matmul_peak_gflops": peak, "rows": rows}
+    atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=2).encode()))
     print(f"wrote {args.json}")
 
 

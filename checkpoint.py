@@ -39,7 +39,8 @@ def atomic_write(path, write, previous=None):
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique: writers never clash
+        # A unique name: two writers of one file never share a temporary file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -206,7 +207,8 @@ def restore(ckpt, model, ema, optimizer, state):
         state.update(step=ckpt["step"], epoch=ckpt["epoch"], history=[tuple(h) for h in ckpt["history"]])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: {reason[:200]}") from None
+        raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: {reason[:200]}") \
+            from None
 
 
 def build_model(ckpt, device="cpu", ema=True):
@@ -218,7 +220,8 @@ def build_model(ckpt, device="cpu", ema=True):
         diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
-        raise UserError(f"checkpoint config does not match its weights, or is no longer accepted: {reason[:200]}") from None
+        raise UserError(f"checkpoint config does not match its weights, or is no longer accepted: {reason[:200]}") \
+            from None
     return model.to(device).eval(), diffusion.to(device)
 
 

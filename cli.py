@@ -189,7 +189,8 @@ def graceful_signals():
 def sampler_settings(sampler, timesteps, steps=None, eta=None):
     """{sampler, steps, eta} for sample.generate(), with the sampler's defaults for what is None."""
     check(eta is None or sampler in DEFAULT_ETA, f"--eta applies to ddim and dpm++, not {sampler}")
-    check(eta is None or 0 <= eta <= 1, f"--eta must be between 0 (deterministic, ODE) and 1 (ancestral, SDE), got {eta}")
+    check(eta is None or 0 <= eta <= 1, f"--eta must be between 0 (deterministic, ODE) and 1 (ancestral, SDE), "
+                                        f"got {eta}")
     check(steps is None or 1 <= steps <= timesteps, f"--steps must be between 1 and {timesteps}, got {steps}")
     steps = steps or min(DEFAULT_STEPS[sampler] or timesteps, timesteps)
     eta = DEFAULT_ETA[sampler] if eta is None and sampler in DEFAULT_ETA else eta

@@ -241,7 +241,8 @@ def plan(args, timesteps, conditional):
     check(args.sweep or args.grid is None, "--grid lists what --sweep scores: add --sweep, or drop --grid")
     check(not (args.sweep and args.guidance_sweep), "--sweep and --guidance-sweep are separate evaluations: give one")
     check(conditional or (args.guidance is None and not args.guidance_sweep and not args.unconditional),
-          "--guidance, --guidance-sweep and --unconditional need a class-conditional checkpoint (train.py --conditional)")
+          "--guidance, --guidance-sweep and --unconditional need a class-conditional checkpoint "
+          "(train.py --conditional)")
     check(not (args.unconditional and (args.guidance is not None or args.guidance_sweep)),
           "--unconditional samples with no class, where guidance has nothing to steer: drop the guidance flag")
     check(args.guidance is None or not args.guidance_sweep, "--guidance-sweep scores its own scales: drop --guidance")

@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from checkpoint import (claim_folder, continues, locked, make_checkpoint, open_checkpoint, restore, save_checkpoint,
                         take_folder)
-from cli import (DEFAULT_SAMPLER, ArgumentParser, Diverged, UserError, agree_to_stop, autocast_for, check, check_writable,
-                 describe, graceful_signals, mean_over_ranks, run_command, sampler_settings, start_distributed, tf32,
-                 together, world)
+from cli import (DEFAULT_SAMPLER, ArgumentParser, Diverged, UserError, agree_to_stop, autocast_for, check,
+                 check_writable, describe, graceful_signals, mean_over_ranks, run_command, sampler_settings,
+                 start_distributed, tf32, together, world)
 from data import epoch_batches, load_fashion_mnist, prepare_fashion_mnist, to_model_range
 from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
 from figures import save_forward_figure, save_loss_history
@@ -211,8 +211,7 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
 def build_parser():
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
-    a("--preset", choices=["auto", "cpu", "gpu"],
-      help="defaults for the model size and schedule; auto (the default): gpu on CUDA, cpu otherwise")
+    a("--preset", choices=["auto", "cpu", "gpu"], help="defaults for model and schedule (auto: gpu on CUDA, else cpu)")
     a("--epochs", type=int, help="passes over the 60k training images (preset)")
     a("--batch-size", type=int, help="images per step and process (preset); fixed for a run")
     a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
@@ -227,28 +226,22 @@ def build_parser():
     a("--attn-resolutions", type=int, nargs="*", help="feature-map sizes with self-attention (preset)")
     a("--dropout", type=float, help="dropout in residual blocks, in [0, 1) (preset)")
     a("--grad-clip", type=float, help="clip the gradient's global norm to this; 0: off (1.0)")
-    a("--conditional", action=argparse.BooleanOptionalAction,
-      help="class-conditional model, for sample.py --class and guidance (preset)")
+    a("--conditional", action=argparse.BooleanOptionalAction, help="class-conditional model, for guidance (preset)")
     a("--cond-drop", type=float, help="conditional models: share of labels dropped to 'no class' (0.1)")
     a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to sample (0.999)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
-    a("--checkpoint-dir", help="where ckpt.pt and ckpt.prev.pt are written (checkpoints; with --resume, the "
-                               "folder resumed from)")
+    a("--checkpoint-dir", help="where checkpoints go (checkpoints; with --resume, the folder resumed from)")
     a("--output-dir", default="output", help="where the PNGs and loss.csv are written (output)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (500)")
     a("--log-every", type=int, help="steps between progress-bar loss updates (50)")
     a("--resume", metavar="PATH", help="continue the run saved in this checkpoint (file or folder)")
-    a("--overwrite", action="store_true", help="start a new run in a --checkpoint-dir that holds an earlier one, "
-                                               "replacing it")
+    a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds a run, replacing it")
     a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit); this command only")
-    a("--max-minutes", type=float, help="stop after this many minutes, checkpoint and sample (0: no limit); "
-                                        "this command only")
-    a("--precision", choices=["fp32", "bf16"],
-      help="plain fp32 (TF32 on CUDA), or bf16 autocast; see the README's speed table (fp32)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model for training (off); "
-                                                                "this command only")
+    a("--max-minutes", type=float, help="stop after this many minutes (0: no limit); this command only")
+    a("--precision", choices=["fp32", "bf16"], help="fp32 (TF32 on CUDA) or bf16 autocast; README, Speed (fp32)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile for training (off); this command only")
     a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
     return p
 
@@ -349,7 +342,8 @@ def fit(args, cfg, device, saved, note, images, labels, built, out, ckpt_dir):
     steps_per_epoch = len(images) // (ranks * cfg.batch_size)
     log(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, {len(images)} images, "
         f"{cfg.epochs} epochs of {steps_per_epoch} steps\neffective batch {ranks * cfg.batch_size} ({cfg.batch_size} "
-        f"per process x {ranks} process{'es' if ranks > 1 else ''}), learning rate {cfg.lr:g}\nmodel {model_cfg}\n{diffusion_cfg}\n{cfg}")
+        f"per process x {ranks} process{'es' if ranks > 1 else ''}), learning rate {cfg.lr:g}\n"
+        f"model {model_cfg}\n{diffusion_cfg}\n{cfg}")
     if saved is None and rank == 0:
         firsts = [int((labels == c).nonzero()[0]) for c in (0, 1, 5, 7, 8)]  # T-shirt, trouser, sandal, sneaker, bag
         save_forward_figure(images[firsts], Diffusion(diffusion_cfg), out / "forward_diffusion.png", cfg.seed)
