@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
+from torch import nn, special
 
 
 SCHEDULES = ("linear", "cosine")
@@ -96,6 +96,15 @@ class Diffusion(nn.Module):
         self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt().float(),
                              persistent=False)
+        # The posterior q(x_{t-1} | x_t, x_0) (eq. 6-7 of Ho et al. 2020); its variance beta~_t is 0 at t = 0,
+        # so its log is clipped to beta~_1 there, as Nichol & Dhariwal's code does.
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
+        log_tilde = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        for name, value in (("posterior_log_variance", log_tilde), ("log_betas", torch.log(betas)),
+                            ("posterior_mean_x0", betas * prev.sqrt() / (1 - alphas_cumprod)),
+                            ("posterior_mean_xt", (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod))):
+            self.register_buffer(name, value.float(), persistent=False)
 
     @property
     def timesteps(self):
@@ -140,6 +149,33 @@ class Diffusion(nn.Module):
         mse = (model(self.q_sample(x0, t, noise), t).float() - target).pow(2).flatten(1).mean(1)
         return mse * self.loss_weight(t) if self.config.min_snr_gamma else mse
 
+    def q_posterior(self, x0, xt, t):
+        """Mean and log variance of q(x_{t-1} | x_t, x_0), eq. 6-7 of Ho et al. 2020: [B, C, H, W], [B, 1, 1, 1]."""
+        mean = _gather(self.posterior_mean_x0, t, x0.ndim) * x0 + _gather(self.posterior_mean_xt, t, x0.ndim) * xt
+        return mean, _gather(self.posterior_log_variance, t, x0.ndim)
+
+    def interpolated_log_variance(self, v, t):
+        """log Sigma = v log beta_t + (1 - v) log beta~_t, eq. 15 of Nichol & Dhariwal 2021, for v in [0, 1]
+        per pixel: [B, C, H, W] -> [B, C, H, W]. v = 0 is beta~_t (fixed_small), v = 1 is beta_t (fixed_large)."""
+        return v * _gather(self.log_betas, t, v.ndim) + (1 - v) * _gather(self.posterior_log_variance, t, v.ndim)
+
+    def vlb_term(self, x0, xt, t, mean, log_variance):
+        """One term of the variational bound in bits per dimension, per example (eq. 4-5 of Nichol &
+        Dhariwal 2021): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t >= 1, and the decoder's
+        L_0 = -log p(x_0 | x_1) on 256 bins at t = 0. mean, log_variance: p's, broadcastable to x0. [B]."""
+        true_mean, true_log_variance = self.q_posterior(x0, xt, t)
+        kl = normal_kl(true_mean, true_log_variance, mean, log_variance).flatten(1).mean(1)
+        decoder = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_variance).flatten(1).mean(1)
+        return torch.where(t == 0, decoder, kl) / math.log(2)
+
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension, per example: [B, C, H, W] -> [B]. Nothing
+        trains it; it is small when the schedule ends in noise."""
+        t = torch.full((len(x0),), self.timesteps - 1, device=x0.device, dtype=torch.long)
+        a, s = self._coefs(t, x0.ndim)
+        kl = normal_kl(a * x0, torch.log(s**2), torch.zeros_like(x0), torch.zeros_like(x0))
+        return kl.flatten(1).mean(1) / math.log(2)
+
     def predict(self, model, x, t):
         """(eps, x_0) at x_t, with x_0 clipped to the data range [-1, 1] and eps made consistent with it.
 
@@ -151,6 +187,25 @@ class Diffusion(nn.Module):
         x0 = x0.clamp(-1, 1)
         a, s = self._coefs(tb, x.ndim)
         return (x - a * x0) / s, x0
+
+
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats; the arguments broadcast."""
+    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2)
+                  - 1)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) per pixel for data on 256 levels in [-1, 1] under N(mean, e^(2 log_scale)) integrated over
+    each level's bin (width 2/255), the outermost bins reaching to -inf and +inf (sec. 3.3 of Ho et al.
+    2020): [B, C, H, W]. Uses the exact normal CDF, with the difference of two CDFs taken on whichever
+    side of the mean keeps it accurate."""
+    inv_scale = torch.exp(-log_scale)
+    upper, lower = inv_scale * (x - mean + 1 / 255), inv_scale * (x - mean - 1 / 255)
+    bin_mass = torch.where(lower > 0, special.ndtr(-lower) - special.ndtr(-upper),
+                           special.ndtr(upper) - special.ndtr(lower))
+    return torch.where(x < -0.999, special.log_ndtr(upper),
+                       torch.where(x > 0.999, special.log_ndtr(-lower), torch.log(bin_mass.clamp(min=1e-12))))
 
 
 def spaced_timesteps(timesteps, steps):
