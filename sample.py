@@ -1,5 +1,4 @@
 """Draw images from a trained checkpoint: `python sample.py` (see --help), then look in output/."""
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -92,23 +91,23 @@ def to_uint8(images):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     a = p.add_argument
-    a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from")
-    a("--n", type=int, default=64, help="number of images to draw")
-    a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step")
-    a("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS), help="reverse-process sampler")
+    a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from (checkpoints)")
+    a("--n", type=int, default=64, help="number of images to draw (64)")
+    a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step (0)")
+    a("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS), help=f"reverse-process sampler ({DEFAULT_SAMPLER})")
     a("--steps", type=int, help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20)")
     a("--eta", type=float, help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (ddim: 0, dpm++: 1)")
     a("--batch-size", type=int, help="images generated at once (default: 64 on a CPU, 1000 on a GPU)")
-    a("--output-dir", default="output", help="where samples.png (and denoising.png) are written")
+    a("--output-dir", default="output", help="where samples.png (and denoising.png) are written (output)")
     a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
     a("--save-npz", metavar="PATH", help="also save the images as uint8 [N, 28, 28] under the key 'images'")
     a("--class", dest="class_", metavar="CLASS",
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
-    a("--guidance", type=float, help=f"conditional models: classifier-free guidance scale w (default: {GUIDANCE:g})")
+    a("--guidance", type=float, help=f"conditional models: classifier-free guidance scale w ({GUIDANCE:g})")
     a("--no-ema", action="store_true", help="sample with the raw trained weights instead of their EMA")
-    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), or a torch device")
     return p
 
 

@@ -112,3 +112,12 @@ def test_bench_flags_are_checked_like_every_other_command(fails, tmp_path):
     assert "--steps and --warmup must be positive" in fails(bench, ["--steps", "0", "--json", tmp_path / "b.json"])
     assert "--sample-n must be positive" in fails(bench, ["--sample-n", "-2", "--json", tmp_path / "b.json"])
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "evaluate", "bench"])
+def test_every_flag_has_help_and_the_help_renders(script):
+    import importlib
+
+    parser = importlib.import_module(script).build_parser()
+    assert "usage:" in parser.format_help() and "(default: None)" not in parser.format_help()
+    assert all(action.help for action in parser._actions)
