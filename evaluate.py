@@ -19,7 +19,7 @@ from checkpoint import atomic_save, atomic_write, build_model, load_checkpoint
 from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, check, check_writable, pick_device,
                  run_command, sampler_settings)
 from data import CLASSES, load_fashion_mnist, to_model_range
-from diffusion import SAMPLERS
+from samplers import SAMPLERS
 from figures import plot_guidance, plot_sweep
 from sample import generate
 

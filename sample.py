@@ -9,7 +9,7 @@ from checkpoint import atomic_write, build_model, load_checkpoint
 from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, autocast_for, check, check_writable,
                  default_batch_size, describe, pick_device, run_command, sampler_settings, tf32)
 from data import CLASSES
-from diffusion import SAMPLERS
+from samplers import SAMPLERS
 from figures import save_grid, save_labelled
 
 

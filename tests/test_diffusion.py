@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from diffusion import SAMPLERS, Diffusion, DiffusionConfig, logsnr_timesteps, make_betas, spaced_timesteps
+from diffusion import Diffusion, DiffusionConfig, make_betas
+from samplers import SAMPLERS, logsnr_timesteps, spaced_timesteps
 from cli import sampler_settings
 from unet import UNet
 

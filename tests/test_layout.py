@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = {"unet", "diffusion", "data", "checkpoint", "cli", "figures"}
+LIBRARY = {"unet", "diffusion", "samplers", "data", "checkpoint", "cli", "figures"}
 SCRIPTS = {"train", "sample", "evaluate", "bench"}
 JOBS = {"sample": {"generate", "draw_pictures"}, "train": {"train", "setup", "TrainConfig", "PRESETS"}}
 
