@@ -157,13 +157,15 @@ class Diffusion(nn.Module):
 
     def interpolated_log_variance(self, v, t):
         """log Sigma = v log beta_t + (1 - v) log beta~_t, eq. 15 of Nichol & Dhariwal 2021, for v in [0, 1]
-        per pixel: [B, C, H, W] -> [B, C, H, W]. v = 0 is beta~_t (fixed_small), v = 1 is beta_t (fixed_large)."""
+        per pixel: [B, C, H, W] -> [B, C, H, W]. v = 0 is beta~_t (clipped at t = 0), v = 1 is beta_t (at t = 0
+        too; their fixed_large variance takes beta~_1 there instead)."""
         return v * _gather(self.log_betas, t, v.ndim) + (1 - v) * _gather(self.posterior_log_variance, t, v.ndim)
 
     def vlb_term(self, x0, xt, t, mean, log_variance):
         """One term of the variational bound in bits per dimension, per example (eq. 4-5 of Nichol &
-        Dhariwal 2021): L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t >= 1, and the decoder's
-        L_0 = -log p(x_0 | x_1) on 256 bins at t = 0. mean, log_variance: p's, broadcastable to x0. [B]."""
+        Dhariwal 2021). In the papers' 1-based steps, with s = t + 1: L_{s-1} = KL(q(x_{s-1} | x_s, x_0) ||
+        p(x_{s-1} | x_s)) for t >= 1, and the decoder's L_0 = -log p(x_0 | x_1) on 256 bins at t = 0.
+        mean, log_variance: p's, broadcastable to x0. [B]."""
         true_mean, true_log_variance = self.q_posterior(x0, xt, t)
         kl = normal_kl(true_mean, true_log_variance, mean, log_variance).flatten(1).mean(1)
         decoder = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_variance).flatten(1).mean(1)
@@ -191,9 +193,10 @@ class Diffusion(nn.Module):
 
 
 def normal_kl(mean1, log_var1, mean2, log_var2):
-    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats; the arguments broadcast."""
-    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2)
-                  - 1)
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats; the arguments broadcast.
+    (e^d - 1 - d with expm1, d = log_var1 - log_var2, keeps nearly equal variances accurate in float32.)"""
+    d = log_var1 - log_var2
+    return 0.5 * (torch.expm1(d) - d + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
@@ -203,7 +206,7 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     side of the mean keeps it accurate."""
     inv_scale = torch.exp(-log_scale)
     upper, lower = inv_scale * (x - mean + 1 / 255), inv_scale * (x - mean - 1 / 255)
-    bin_mass = torch.where(lower > 0, special.ndtr(-lower) - special.ndtr(-upper),
-                           special.ndtr(upper) - special.ndtr(lower))
+    cdf = lambda z: 0.5 * special.erfc(-z / math.sqrt(2))  # special.ndtr in float32 loses the lower tail
+    bin_mass = torch.where(lower > 0, cdf(-lower) - cdf(-upper), cdf(upper) - cdf(lower))
     return torch.where(x < -0.999, special.log_ndtr(upper),
                        torch.where(x > 0.999, special.log_ndtr(-lower), torch.log(bin_mass.clamp(min=1e-12))))
