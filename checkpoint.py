@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cli import UserError, WriteError
+from cli import UserError, WriteError, first_line
 from diffusion import Diffusion, DiffusionConfig
 from unet import UNet, UNetConfig
 
@@ -119,8 +119,7 @@ def _read(path):
                             f"load only checkpoints made by train.py") from None
         raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): not a valid pickle") from None
     except Exception as e:  # truncated, not a zip, not a torch file: all mean the file is unusable
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): {reason[:100]}") from None
+        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): {first_line(e, 100)}") from None
 
 
 def _upgrade(ckpt, path):
@@ -206,8 +205,7 @@ def restore(ckpt, model, ema, optimizer, state):
         optimizer.load_state_dict(ckpt["optimizer"])
         state.update(step=ckpt["step"], epoch=ckpt["epoch"], history=[tuple(h) for h in ckpt["history"]])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: {reason[:200]}") \
+        raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: {first_line(e, 200)}") \
             from None
 
 
@@ -219,9 +217,8 @@ def build_model(ckpt, device="cpu", ema=True):
         model.load_state_dict(ckpt["ema" if ema else "model"])
         diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(f"checkpoint config does not match its weights, or is no longer accepted: {reason[:200]}") \
-            from None
+        raise UserError(f"checkpoint config does not match its weights, or is no longer accepted: "
+                        f"{first_line(e, 200)}") from None
     return model.to(device).eval(), diffusion.to(device)
 
 

@@ -66,6 +66,12 @@ def check_writable(folder, flag):
     return folder
 
 
+def first_line(error, limit=150):
+    """The first line of an exception's message (its type's name if it has none), at most limit characters:
+    what a one-line error quotes of a library's multi-line complaint."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def check(ok, message):
     """Raise UserError(message) unless ok: the flag checks read as a list of rules."""
     if not ok:

@@ -16,8 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoint import atomic_save, atomic_write, build_model, load_checkpoint
-from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, check, check_writable, pick_device,
-                 run_command, sampler_settings)
+from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, check, check_writable, first_line,
+                 pick_device, run_command, sampler_settings)
 from data import CLASSES, load_fashion_mnist, to_model_range
 from samplers import SAMPLERS
 from figures import plot_guidance, plot_sweep
@@ -105,8 +105,7 @@ def load_classifier(path, train_x, train_y, test_x, test_y, device):
                 return model.to(device).eval(), saved["test_accuracy"]
             print(f"{path} was trained on other data or settings; training a new one")
         except Exception as e:  # truncated, garbage, foreign: the cache is only a cache
-            print(f"{path} is damaged ({(str(e).strip().splitlines() or [type(e).__name__])[0][:100]}); "
-                  f"training a new one")
+            print(f"{path} is damaged ({first_line(e, 100)}); training a new one")
     model, accuracy = train_classifier(train_x, train_y, test_x, test_y, device=device, **CLASSIFIER_SETTINGS)
     atomic_save({"key": key, "model": model.state_dict(), "test_accuracy": accuracy}, path)
     print(f"trained the evaluation classifier: test accuracy {accuracy:.2%}; cached in {path}")

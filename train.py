@@ -283,7 +283,7 @@ def resolve_configs(args, device, saved=None):
         raise UserError(str(e)) from None
 
 
-def validate(args, model_cfg, cfg, n_images=None):
+def validate(args, model_cfg, cfg):
     """Refuse settings that cannot train, or flags that would be ignored, before anything is written."""
     for name in ("epochs", "batch_size", "lr", "checkpoint_every", "log_every"):
         check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -294,8 +294,6 @@ def validate(args, model_cfg, cfg, n_images=None):
                                                            "add --conditional or drop --cond-drop")
     check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     check(args.sample_n >= 0, f"--sample-n must be 0 (no samples) or more, got {args.sample_n}")
-    check(n_images is None or cfg.batch_size <= n_images,
-          f"--batch-size {cfg.batch_size} is larger than the {n_images} training images")
 
 
 def run(args):
@@ -320,7 +318,8 @@ def run(args):
 
         def load():
             images, labels = load_fashion_mnist(args.data_dir)
-            validate(args, model_cfg, cfg, len(images) // ranks)
+            check(cfg.batch_size <= len(images) // ranks,
+                  f"--batch-size {cfg.batch_size} is larger than the {len(images) // ranks} training images")
             planned = cfg.epochs * (len(images) // (ranks * cfg.batch_size))
             limit = "--max-steps" if 0 < cfg.max_steps < planned else "--epochs"
             check(saved is None or saved["step"] < min(planned, cfg.max_steps or planned), f"--resume: the run is at "
