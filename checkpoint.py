@@ -22,10 +22,10 @@ except ImportError:  # Windows
     import msvcrt
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 2  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 3  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
-RESUME = ("optimizer", "ema_updates", "history")
+RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 
@@ -82,6 +82,7 @@ def make_checkpoint(model, ema, diffusion, optimizer, train_config, state, world
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
             "step": state["step"], "epoch": state["epoch"], "history": state["history"],
+            "timestep_history": state["timesteps"].state_dict() if state.get("timesteps") else None,  # loss vlb
             "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(), "train": train_config},
             "world_size": world_size}  # data order and steps depend on the process count
 
@@ -153,8 +154,15 @@ def _upgrade(ckpt, path):
         if "attn_resolutions" in model:  # sizes the network lacks were once accepted and had no effect
             sizes = [model.get("image_size", 28) // 2**k for k in range(len(model.get("channel_mults", (1, 2, 2))))]
             model["attn_resolutions"] = [r for r in model["attn_resolutions"] if r in sizes]
-        ckpt = {**{k: v for k, v in ckpt.items() if k != "rng"}, "format": FORMAT, "version": VERSION,
+        ckpt = {**{k: v for k, v in ckpt.items() if k != "rng"}, "format": FORMAT, "version": 2,
                 "config": {**ckpt["config"], "model": model, "train": train}, "world_size": ckpt.get("world_size", 1)}
+    if ckpt["version"] == 2:  # 3 added Improved DDPM's variances and losses; before, every run was the first
+        config = ckpt["config"]
+        ckpt = {**ckpt, "version": 3, "config": {
+            **config, "model": {**config["model"], "learned_variance": False},
+            "diffusion": {**config["diffusion"], "variance": "fixed_small", "loss": "simple"}}}
+        if "optimizer" in ckpt:  # a resumable one: it had no timestep history, as loss simple keeps none
+            ckpt["timestep_history"] = None
     return ckpt
 
 
@@ -204,6 +212,10 @@ def restore(ckpt, model, ema, optimizer, state):
         ema.n_averaged.fill_(ckpt["ema_updates"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state.update(step=ckpt["step"], epoch=ckpt["epoch"], history=[tuple(h) for h in ckpt["history"]])
+        if (ckpt["timestep_history"] is None) != (state.get("timesteps") is None):
+            raise ValueError("a timestep history is kept for loss vlb, and only there")
+        if state.get("timesteps"):
+            state["timesteps"].load_state_dict(ckpt["timestep_history"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: {first_line(e, 200)}") \
             from None
@@ -216,6 +228,9 @@ def build_model(ckpt, device="cpu", ema=True):
         model = UNet(UNetConfig.from_dict(config["model"]))
         model.load_state_dict(ckpt["ema" if ema else "model"])
         diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
+        if model.config.learned_variance != (diffusion.config.variance == "learned"):
+            raise ValueError(f"variance {diffusion.config.variance}, "
+                             f"learned_variance {model.config.learned_variance}")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint config does not match its weights, or is no longer accepted: "
                         f"{first_line(e, 200)}") from None

@@ -140,6 +140,16 @@ def mean_over_ranks(x):
     return x
 
 
+def gather_from_ranks(x):
+    """Every process's x [n], joined in rank order on every process: [W * n]."""
+    ranks = world()[1]
+    if ranks == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ranks)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def together(work, device):
     """work() on every process; if it raises on any, every process raises (the failing one its own error,
     the others a UserError), so that none waits forever for a process that has stopped."""

@@ -13,6 +13,9 @@ from torch import nn, special
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned")  # of the reverse process: beta~_t, beta_t, or the network's
+LOSSES = ("simple", "hybrid", "vlb")
+HYBRID_LAMBDA = 0.001  # weight of L_vlb in L_hybrid, sec. 3.1 of Nichol & Dhariwal 2021
 
 
 @dataclass
@@ -21,6 +24,8 @@ class DiffusionConfig:
     schedule: str = "linear"  # one of SCHEDULES
     prediction: str = "eps"  # what the network outputs: the noise eps, or v (Salimans & Ho 2022)
     min_snr_gamma: float = 0.0  # > 0: weight the loss by min(SNR, gamma) (Hang et al. 2023); 0: off
+    variance: str = "fixed_small"  # one of VARIANCES; "learned" needs a network with twice the channels out
+    loss: str = "simple"  # one of LOSSES: L_simple, L_hybrid or L_vlb (Nichol & Dhariwal 2021, sec. 3.1 and 3.3)
 
     def __post_init__(self):
         if self.timesteps < 2:
@@ -31,15 +36,29 @@ class DiffusionConfig:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
         if not self.min_snr_gamma >= 0:  # NaN too
             raise ValueError(f"min_snr_gamma must be 0 (off) or more, got {self.min_snr_gamma}")
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {self.variance!r}; choose from {VARIANCES}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {LOSSES}")
+        # Settings that would train nothing are refused rather than run.
+        if self.variance == "learned" and self.loss == "simple":
+            raise ValueError("a learned variance trains only through L_vlb: use loss hybrid or vlb with it")
+        if self.loss == "hybrid" and self.variance != "learned":
+            raise ValueError("loss hybrid's L_vlb part trains only the variance, and it is fixed here: use variance "
+                             "learned, or loss simple")
+        if self.loss == "vlb" and self.min_snr_gamma:
+            raise ValueError("min_snr_gamma weights the MSE of loss simple or hybrid; loss vlb has none: drop it")
 
     def to_dict(self):
         return asdict(self)
 
     def loss_name(self):
         """What the training loss is, for plots: L_simple is Ho et al.'s unweighted eps MSE only."""
-        if self.min_snr_gamma:
-            return f"{self.prediction} MSE, min-SNR-{self.min_snr_gamma:g} weighted"
-        return "L_simple, eps MSE" if self.prediction == "eps" else "v MSE"
+        if self.loss == "vlb":
+            return "L_vlb, bits/dim x T"
+        mse = (f"{self.prediction} MSE, min-SNR-{self.min_snr_gamma:g} weighted" if self.min_snr_gamma else
+               "L_simple, eps MSE" if self.prediction == "eps" else "v MSE")
+        return mse + (" + 0.001 L_vlb" if self.loss == "hybrid" else "")
 
 
 def linear_betas(timesteps, max_beta=0.999):
@@ -102,7 +121,9 @@ class Diffusion(nn.Module):
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)
         log_tilde = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        log_large = torch.log(torch.cat([posterior_variance[1:2], betas[1:]]))  # fixed_large: their code's choice
         for name, value in (("posterior_log_variance", log_tilde), ("log_betas", torch.log(betas)),
+                            ("large_log_variance", log_large),
                             ("posterior_mean_x0", betas * prev.sqrt() / (1 - alphas_cumprod)),
                             ("posterior_mean_xt", (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod))):
             self.register_buffer(name, value.float(), persistent=False)
@@ -144,11 +165,42 @@ class Diffusion(nn.Module):
         clipped = snr.clamp(max=self.config.min_snr_gamma) if self.config.min_snr_gamma else snr
         return clipped / (snr + 1 if self.config.prediction == "v" else snr)
 
+    def split(self, out):
+        """The network's output -> (its eps or v [B, C, H, W], the variance fraction v in [0, 1] or None). With a
+        learned variance the second half of the channels is v in [-1, 1], mapped to [0, 1] as in their code."""
+        if self.config.variance != "learned":
+            return out, None
+        pred, raw = out.chunk(2, dim=1)
+        return pred, (raw + 1) / 2
+
+    def p_mean_variance(self, pred, v, x, t, clip=False):
+        """p(x_{t-1} | x_t) = N(mean, e^log_variance) and the x_0 it came from: the posterior mean at the predicted
+        x_0 (eq. 11 of Nichol & Dhariwal 2021) and Sigma of eq. 15 or a fixed one. clip: x_0 to [-1, 1] first."""
+        _, x0 = self.to_eps_x0(pred, x, t)
+        x0 = x0.clamp(-1, 1) if clip else x0
+        if self.config.variance == "learned":
+            log_variance = self.interpolated_log_variance(v, t)
+        else:
+            table = self.large_log_variance if self.config.variance == "fixed_large" else self.posterior_log_variance
+            log_variance = _gather(table, t, x.ndim)
+        return self.q_posterior(x0, x, t)[0], log_variance, x0
+
     def loss(self, model, x0, t, noise):
-        """L_simple (Algorithm 1 of Ho et al. 2020): mean squared error to eps, or to v; per example: [B]."""
+        """The training loss per example, [B]: L_simple (Algorithm 1 of Ho et al. 2020: MSE to eps or v);
+        L_hybrid = L_simple + lambda L_vlb (eq. 16 of Nichol & Dhariwal 2021), the mean's gradient stopped in
+        L_vlb so that it trains the variance only; or L_vlb alone. L_vlb = sum_t L_t is estimated by T L_t at
+        the t drawn, in bits per dimension; weigh it by TimestepSampler's weights when t is not uniform."""
+        xt = self.q_sample(x0, t, noise)
+        pred, v = self.split(model(xt, t).float())
+        if self.config.loss == "vlb":
+            return self.timesteps * self.vlb_term(x0, xt, t, *self.p_mean_variance(pred, v, xt, t)[:2])
         target = noise if self.config.prediction == "eps" else self.v_target(x0, t, noise)
-        mse = (model(self.q_sample(x0, t, noise), t).float() - target).pow(2).flatten(1).mean(1)
-        return mse * self.loss_weight(t) if self.config.min_snr_gamma else mse
+        mse = (pred - target).pow(2).flatten(1).mean(1)
+        mse = mse * self.loss_weight(t) if self.config.min_snr_gamma else mse
+        if self.config.loss == "simple":
+            return mse
+        mean, log_variance, _ = self.p_mean_variance(pred.detach(), v, xt, t)
+        return mse + HYBRID_LAMBDA * self.timesteps * self.vlb_term(x0, xt, t, mean, log_variance)
 
     def q_posterior(self, x0, xt, t):
         """Mean and log variance of q(x_{t-1} | x_t, x_0), eq. 6-7 of Ho et al. 2020: [B, C, H, W], [B, 1, 1, 1]."""
@@ -179,17 +231,105 @@ class Diffusion(nn.Module):
         kl = normal_kl(a * x0, torch.log(s**2), torch.zeros_like(x0), torch.zeros_like(x0))
         return kl.flatten(1).mean(1) / math.log(2)
 
+    def bound_term(self, model, x0, t, noise):
+        """L_t in bits per dimension at x_t ~ q(x_t | x_0) made with `noise`, x_0 clipped as in sampling: [B]."""
+        xt = self.q_sample(x0, t, noise)
+        mean, log_variance, _ = self.p_mean_variance(*self.split(model(xt, t).float()), xt, t, clip=True)
+        return self.vlb_term(x0, xt, t, mean, log_variance)
+
+    @torch.no_grad()
+    def bits_per_dim(self, model, x0, generator=None, callback=None):
+        """The whole variational bound L_T + sum_t L_t (eq. 5 of Nichol & Dhariwal 2021), one network
+        evaluation per timestep, in bits per dimension: [B, C, H, W] -> [B]. callback(t) after each t."""
+        total = self.prior_bpd(x0)
+        for t in reversed(range(self.timesteps)):
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+            total = total + self.bound_term(model, x0, torch.full_like(total, t, dtype=torch.long), noise)
+            if callback is not None:
+                callback(t)
+        return total
+
+    @torch.no_grad()
+    def bits_per_dim_estimate(self, model, x0, generator=None):
+        """An unbiased estimate of the bound from two network evaluations per image: L_T + L_0 + (T - 1) L_t
+        at one t drawn uniformly from 1 .. T-1 (L_0, the decoder, is computed exactly: it is the largest
+        term, and sampling it too would multiply the variance): [B, C, H, W] -> [B] bits per dimension."""
+        shape, device = (len(x0),), x0.device
+        noise = lambda: torch.randn(x0.shape, generator=generator, device=device)
+        t = torch.randint(1, self.timesteps, shape, generator=generator, device=device)
+        zero = torch.zeros(shape, dtype=torch.long, device=device)
+        return (self.prior_bpd(x0) + self.bound_term(model, x0, zero, noise())
+                + (self.timesteps - 1) * self.bound_term(model, x0, t, noise()))
+
     def predict(self, model, x, t):
-        """(eps, x_0) at x_t, with x_0 clipped to the data range [-1, 1] and eps made consistent with it.
+        """(eps, x_0, v) at x_t, with x_0 clipped to the data range [-1, 1] and eps made consistent with it;
+        v: the variance fraction of a learned variance, else None.
 
         Clipping x_0 follows Ho et al.'s code; recomputing eps from the clipped x_0 is eq. 9 of
         Song et al. 2021 solved for eps. t: one timestep (int) for the whole batch.
         """
         tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        _, x0 = self.to_eps_x0(model(x, tb).float(), x, tb)
+        pred, v = self.split(model(x, tb).float())
+        _, x0 = self.to_eps_x0(pred, x, tb)
         x0 = x0.clamp(-1, 1)
         a, s = self._coefs(tb, x.ndim)
-        return (x - a * x0) / s, x0
+        return (x - a * x0) / s, x0, v
+
+    def step_log_variance(self, v, abar_t, abar_s):
+        """log of the reverse variance for one step from t to s of a respaced sequence (sec. 4 of Nichol &
+        Dhariwal 2021): beta = 1 - abar_t / abar_s and beta~ = beta (1 - abar_s) / (1 - abar_t) recomputed
+        from the shortened schedule, then fixed_small, fixed_large, or eq. 15 between them with v [B, C, H, W]."""
+        beta = 1 - abar_t / abar_s
+        log_beta, log_tilde = torch.log(beta), torch.log(beta * (1 - abar_s) / (1 - abar_t))
+        if self.config.variance == "learned":
+            return v * log_beta + (1 - v) * log_tilde
+        return log_beta if self.config.variance == "fixed_large" else log_tilde
+
+
+class TimestepSampler:
+    """Importance sampling of t for L_vlb, sec. 3.3 of Nichol & Dhariwal 2021: p_t proportional to
+    sqrt(E[L_t^2]) over the last `keep` losses of each t, uniform until every t has `keep`. As in their
+    code, 0.1% of uniform is mixed in, so that no t is ever left out. The history is training state:
+    train.py saves it in checkpoints (state_dict) so that a resumed run samples what an unbroken one does."""
+    UNIFORM = 0.001
+
+    def __init__(self, timesteps, keep=10):
+        self.losses = torch.zeros(timesteps, keep, dtype=torch.float64)  # [T, keep], oldest first
+        self.counts = torch.zeros(timesteps, dtype=torch.long)  # [T], up to keep
+
+    def probabilities(self):
+        """p_t: [T] float64."""
+        T, keep = self.losses.shape
+        if (self.counts < keep).any():
+            return torch.full((T,), 1 / T, dtype=torch.float64)
+        p = self.losses.pow(2).mean(1).sqrt()
+        return (1 - self.UNIFORM) * p / p.sum() + self.UNIFORM / T
+
+    def sample(self, n, generator=None, device="cpu"):
+        """n timesteps drawn from p_t, and the weights 1 / (T p_t) that keep T L_t unbiased: [n], [n]."""
+        p = self.probabilities().to(device)
+        t = torch.multinomial(p, n, replacement=True, generator=generator)
+        return t, (1 / (len(p) * p[t])).float()
+
+    def update(self, t, losses):
+        """Record each example's loss under its t, in order: [n] timesteps, [n] losses."""
+        keep = self.losses.shape[1]
+        for ti, loss in zip(t.tolist(), losses.tolist()):
+            if self.counts[ti] == keep:
+                self.losses[ti] = torch.cat([self.losses[ti, 1:], self.losses.new_tensor([loss])])
+            else:
+                self.losses[ti, self.counts[ti]] = loss
+                self.counts[ti] += 1
+
+    def state_dict(self):
+        return {"losses": self.losses.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state):
+        if state["losses"].shape != self.losses.shape:
+            raise ValueError(f"timestep history of shape {tuple(state['losses'].shape)}, expected "
+                             f"{tuple(self.losses.shape)}")
+        self.losses.copy_(state["losses"])
+        self.counts.copy_(state["counts"])
 
 
 def normal_kl(mean1, log_var1, mean2, log_var2):

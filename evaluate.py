@@ -209,7 +209,8 @@ def parse_grid(entries, timesteps):
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from (checkpoints)")
+    a("--checkpoint", nargs="+", default=["checkpoints"], help="checkpoint file, or folder to take the newest from "
+      "(checkpoints); --sweep takes several and compares their EMA weights")
     a("--sampler", choices=sorted(SAMPLERS), help=f"sampler for a single evaluation ({DEFAULT_SAMPLER})")
     a("--steps", type=int, help="sampler steps for a single evaluation (the sampler's default, as in sample.py)")
     a("--eta", type=float, help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation "
@@ -223,6 +224,10 @@ def build_parser():
       help="conditional models: score each guidance scale, plot FID and accuracy against it")
     a("--unconditional", action="store_true",
       help="conditional models: sample with the 'no class' token, as an unconditional model would")
+    a("--bpd", action="store_true", help="instead of sampling: the test set's negative log-likelihood bound in "
+                                         "bits/dim, estimated over all of it and exact on --bpd-exact images")
+    a("--bpd-exact", type=int, default=100, metavar="N",
+      help="--bpd: test images whose whole bound is computed, T network evaluations each (100; 0 skips)")
     a("--seed", type=int, default=0, help="seed for generation and for the real-image subset (0)")
     a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
     a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
@@ -232,8 +237,9 @@ def build_parser():
     return p
 
 
-def plan(args, timesteps, conditional):
-    """[(weights, sampler settings, guidance)] to score, after refusing flags that would be ignored."""
+def plan(args, timesteps, conditional, both=True):
+    """[(weights, sampler settings, guidance)] to score, after refusing flags that would be ignored.
+    both: a sweep scores the raw weights as well as the EMA."""
     single = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "no_ema") if getattr(args, k)
               not in (None, False)]
     check(not (args.sweep and single), f"--sweep scores every --grid entry with both weights: drop {', '.join(single)}")
@@ -250,19 +256,67 @@ def plan(args, timesteps, conditional):
     if args.sweep:
         capped = lambda name, steps, *eta: ":".join([name, str(min(int(steps), timesteps)), *eta])  # T < 1000
         grid = args.grid or list(dict.fromkeys(capped(*entry.split(":")) for entry in GRID))
-        return [(w, settings, guidance) for w in ("ema", "raw") for settings in parse_grid(grid, timesteps)]
+        weights = ("ema", "raw") if both else ("ema",)
+        return [(w, settings, guidance) for w in weights for settings in parse_grid(grid, timesteps)]
     settings = sampler_settings(args.sampler or DEFAULT_SAMPLER, timesteps, args.steps, args.eta)
     return [("raw" if args.no_ema else "ema", settings, w) for w in (args.guidance_sweep or [guidance])]
 
 
+def likelihood(args, ckpt, device):
+    """--bpd: the bound in bits per dimension on the test set, estimated (unbiased, two network evaluations
+    per image) over all of it with its standard error, and exact on the first --bpd-exact images."""
+    sampling = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "sweep", "grid", "guidance",
+                                                      "guidance_sweep", "unconditional")
+                if getattr(args, k) not in (None, False)]
+    check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop {', '.join(sampling)}")
+    check(args.bpd_exact >= 0, f"--bpd-exact must be 0 (skip) or more, got {args.bpd_exact}")
+    out = check_writable(args.output_dir, "--output-dir")
+    model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
+    x = to_model_range(load_fashion_mnist(args.data_dir, False)[0])
+    g = torch.Generator(device).manual_seed(args.seed)
+    batch = args.batch_size or (1000 if device.type == "cuda" else 250)
+    result = {"checkpoint": args.checkpoint[0], "step": ckpt["step"], "weights": "raw" if args.no_ema else "ema"}
+    started, values = time.perf_counter(), []
+    for i in tqdm(range(0, len(x), batch), desc="bits/dim, estimate", disable=None):
+        values.append(diffusion.bits_per_dim_estimate(model, x[i:i + batch].to(device), g).cpu().double())
+    values = torch.cat(values)
+    result["estimate"] = {"images": len(x), "bpd": values.mean().item(),
+                          "standard_error": (values.std() / len(values) ** 0.5).item(),
+                          "seconds": time.perf_counter() - started}
+    estimate = result["estimate"]
+    print(f"bits/dim, estimated over the {len(x)} test images: {estimate['bpd']:.4f} +- "
+          f"{estimate['standard_error']:.4f} (1 standard error), {estimate['seconds']:.0f} s")
+    if args.bpd_exact:
+        started, values, n = time.perf_counter(), [], min(args.bpd_exact, len(x))
+        with tqdm(total=n * diffusion.timesteps, unit="eval", desc="bits/dim, exact", disable=None) as bar:
+            for i in range(0, n, batch):
+                part = x[i:min(i + batch, n)].to(device)
+                total = diffusion.bits_per_dim(model, part, g, callback=lambda t: bar.update(len(part)))
+                values.append(total.cpu().double())
+        values = torch.cat(values)
+        result["exact"] = {"images": n, "bpd": values.mean().item(), "seconds": time.perf_counter() - started,
+                           "standard_error": (values.std() / n ** 0.5).item() if n > 1 else None}
+        print(f"bits/dim, exact bound on the first {n} test images: {values.mean():.4f} (their spread: "
+              f"+- {result['exact']['standard_error'] or 0:.4f}), {result['exact']['seconds']:.0f} s")
+    atomic_write(out / "bpd.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"wrote {out / 'bpd.json'}")
+
+
 def run(args):
-    check(args.n >= 2, f"--n must be at least 2 (a covariance needs two images), got {args.n}")
     check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}")
+    check(len(args.checkpoint) == 1 or args.sweep, "only --sweep compares several checkpoints: add it, or give one "
+                                                   "--checkpoint")
+    if args.bpd:
+        return likelihood(args, load_checkpoint(args.checkpoint[0]), pick_device(args.device))
+    check(args.n >= 2, f"--n must be at least 2 (a covariance needs two images), got {args.n}")
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    conditional = ckpt["config"]["model"].get("num_classes", 0) > 0
-    runs = plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional)
-    models = {weights: build_model(ckpt, device, ema=weights == "ema") for weights in {w for w, *_ in runs}}
+    ckpts = {path: load_checkpoint(path) for path in args.checkpoint}
+    kinds = {ckpt["config"]["model"].get("num_classes", 0) > 0 for ckpt in ckpts.values()}
+    check(len(kinds) == 1, "--sweep compares checkpoints of one kind: all class-conditional, or none")
+    conditional = kinds.pop()
+    runs = [(path, *entry) for path, ckpt in ckpts.items()
+            for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional, both=len(ckpts) == 1)]
+    models = {(path, w): build_model(ckpts[path], device, ema=w == "ema") for path, w, *_ in runs}
     out, classifier_dir = check_writable(args.output_dir, "--output-dir"), check_writable(args.classifier_dir,
                                                                                          "--classifier-dir")
     (train_x, train_y), (test_x, test_y) = load_fashion_mnist(args.data_dir), load_fashion_mnist(args.data_dir, False)
@@ -280,8 +334,8 @@ def run(args):
 
     conditional = conditional and not args.unconditional
     labels = torch.arange(args.n) % 10 if conditional else None  # every class equally often
-    for weights, settings, guidance in runs:
-        model, diffusion = models[weights]
+    for path, weights, settings, guidance in runs:
+        model, diffusion = models[path, weights]
         steps_seen = set()
         started = time.perf_counter()
         images = generate(model, diffusion, args.n, args.seed, batch_size=args.batch_size, labels=labels,
@@ -289,14 +343,17 @@ def run(args):
         seconds = time.perf_counter() - started
         eta = f" eta={settings['eta']:g}" if "eta" in settings else ""
         name = f"{settings['sampler']}-{settings['steps']}{eta} {weights}" + (f" w={guidance:g}" if conditional else "")
-        row = {"name": name, **settings, "weights": weights, "guidance": guidance, "nfe": len(steps_seen),
+        name = f"{path} {name}" if len(ckpts) > 1 else name
+        row = {"name": name, "checkpoint": path, **settings, "weights": weights, "guidance": guidance, "nfe": len(steps_seen),
                "images_per_s": args.n / seconds, **score(*embed(classifier, images), reference, labels, test_y)}
         rows.append(row)
         print_table([row])
 
-    result = {"checkpoint": str(args.checkpoint), "step": ckpt["step"], "n": args.n, "seed": args.seed,
-              "conditional": bool(conditional), "classifier_test_accuracy": accuracy,
-              "score_seconds_per_set": score_seconds, "rows": rows}
+    steps = {path: ckpt["step"] for path, ckpt in ckpts.items()}  # one checkpoint: its path and step, as before
+    where = {"checkpoint": args.checkpoint[0], "step": steps[args.checkpoint[0]]} if len(steps) == 1 else \
+        {"checkpoint": args.checkpoint, "step": steps}
+    result = {**where, "n": args.n, "seed": args.seed, "conditional": bool(conditional),
+              "classifier_test_accuracy": accuracy, "score_seconds_per_set": score_seconds, "rows": rows}
     atomic_write(out / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"scoring {args.n} images took {score_seconds:.1f} s (features and metrics, generation excluded); "
           f"wrote {out / 'eval.json'}")

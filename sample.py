@@ -34,7 +34,8 @@ def guided(model, labels, w):
     def fn(x, t):
         none = torch.full_like(labels, model.config.num_classes)
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, none])).chunk(2)
-        return cond + w * (cond - uncond)
+        c = x.shape[1]  # a learned variance, in the channels after c, is the conditional model's (GLIDE, sec. 2.3)
+        return torch.cat([cond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
     return fn
 
 

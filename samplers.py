@@ -1,6 +1,8 @@
 """The reverse process: three samplers with one signature, and the timesteps they visit.
 
 Every sampler: (model, diffusion, noise x_T [B, C, H, W], steps, generator, callback) -> x_0 in [-1, 1].
+Only the ancestral sampler (ddpm) uses a learned variance; DDIM and DPM-Solver++ take the noise they
+add from their own formulas, so for them a learned-variance model is its eps (or v) prediction alone.
 steps: how many network evaluations (None: all T); callback(i, t, x, x0) is called after each step.
 Schedules and the forward process live in diffusion.py; nothing here reads files or picks a device.
 """
@@ -55,17 +57,18 @@ def _schedule(diffusion, steps, spacing="time"):
 def sample_ddpm(model, diffusion, noise, steps=None, generator=None, callback=None):
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on `steps` respaced timesteps.
 
-    Each step draws x_s from the posterior q(x_s | x_t, x_0) (eq. 6-7) with x_0 predicted by the model;
-    skipping from t to s uses alpha = abar_t / abar_s (Nichol & Dhariwal 2021, sec. 4).
+    Each step draws x_s from N(mu, Sigma): mu is the posterior mean of q(x_s | x_t, x_0) (eq. 6-7) at the
+    model's x_0; Sigma is the model's variance (learned or fixed), both recomputed for the jump from t to s
+    with alpha = abar_t / abar_s (Nichol & Dhariwal 2021, sec. 4).
     """
     x = noise
     for i, t, s, abar_t, abar_s in _schedule(diffusion, steps):
-        _, x0 = diffusion.predict(model, x, t)
+        _, x0, v = diffusion.predict(model, x, t)
         beta = 1 - abar_t / abar_s
         x = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x) / (1 - abar_t)
-        if s >= 0:
+        if s >= 0:  # the last step returns the mean: at t = 0 Ho et al. add no noise
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + (beta * (1 - abar_s) / (1 - abar_t)).sqrt() * z
+            x = x + torch.exp(0.5 * diffusion.step_log_variance(v, abar_t, abar_s)) * z
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -80,7 +83,7 @@ def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=No
     """
     x = noise
     for i, t, s, abar_t, abar_s in _schedule(diffusion, steps):
-        eps, x0 = diffusion.predict(model, x, t)
+        eps, x0, _ = diffusion.predict(model, x, t)
         sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
         x = abar_s.sqrt() * x0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
         if s >= 0 and eta > 0:
@@ -103,7 +106,7 @@ def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callbac
     lam = lambda abar: 0.5 * torch.log(abar / (1 - abar))  # log(alpha / sigma), the half log-SNR
     x, previous = noise, None  # previous: (x_0 estimate, step size h) of the step before
     for i, t, s, abar_t, abar_s in _schedule(diffusion, steps, spacing="logsnr"):
-        _, x0 = diffusion.predict(model, x, t)
+        _, x0, _ = diffusion.predict(model, x, t)
         if s < 0:  # the last step lands on clean data (sigma = 0): its solution is x_0 itself
             x = x0
         else:

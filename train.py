@@ -16,10 +16,10 @@ from tqdm import tqdm
 from checkpoint import (claim_folder, continues, locked, make_checkpoint, open_checkpoint, restore, save_checkpoint,
                         take_folder)
 from cli import (DEFAULT_SAMPLER, ArgumentParser, Diverged, UserError, agree_to_stop, autocast_for, check,
-                 check_writable, describe, graceful_signals, mean_over_ranks, run_command, sampler_settings,
-                 start_distributed, tf32, together, world)
+                 check_writable, describe, gather_from_ranks, graceful_signals, mean_over_ranks, run_command,
+                 sampler_settings, start_distributed, tf32, together, world)
 from data import epoch_batches, load_fashion_mnist, prepare_fashion_mnist, to_model_range
-from diffusion import PREDICTIONS, SCHEDULES, Diffusion, DiffusionConfig
+from diffusion import LOSSES, PREDICTIONS, SCHEDULES, VARIANCES, Diffusion, DiffusionConfig, TimestepSampler
 from figures import save_forward_figure, save_loss_history
 from sample import draw_pictures
 from unet import UNet, UNetConfig, count_parameters
@@ -91,7 +91,8 @@ def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
     ema = ema_of(model, cfg.ema_decay)
     diffusion = Diffusion(diffusion_cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    state = {"step": 0, "epoch": 0, "history": []}
+    state = {"step": 0, "epoch": 0, "history": [],
+             "timesteps": TimestepSampler(diffusion.timesteps) if diffusion_cfg.loss == "vlb" else None}
     if saved is not None:
         restore(saved, model, ema, optimizer, state)
     return model, ema, diffusion, optimizer, state
@@ -132,6 +133,7 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     shared = torch.Generator(device)  # the draws every rank makes alike; see step_seed
+    timesteps = state.get("timesteps")  # loss vlb's importance sampler of t, else None: uniform t
     pending = []  # (step, epoch, loss on the device): read back once per log_every steps, not every step
 
     def flush():
@@ -165,12 +167,19 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
                 x0 = to_model_range(images[idx])
                 classes = model.config.num_classes
                 y = drop_labels(labels[idx], cfg.cond_drop, classes, shared)[mine] if classes else None
-                t = torch.randint(0, diffusion.timesteps, (len(x0),), device=device, generator=shared)[mine]
+                if timesteps:  # L_vlb: importance-sampled, from the history of the global batch's losses
+                    t_all, weights = timesteps.sample(len(x0), shared, device)
+                else:
+                    t_all = torch.randint(0, diffusion.timesteps, (len(x0),), device=device, generator=shared)
+                t = t_all[mine]
                 noise = torch.randn(x0.shape, device=device, generator=shared)[mine]
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 with autocast:
-                    loss = diffusion.loss(lambda xt, tt: net(xt, tt, y), x0[mine], t, noise).mean()
+                    losses = diffusion.loss(lambda xt, tt: net(xt, tt, y), x0[mine], t, noise)
+                    loss = (losses * weights[mine]).mean() if timesteps else losses.mean()
+                if timesteps:
+                    timesteps.update(t_all, gather_from_ranks(losses.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -220,6 +229,8 @@ def build_parser():
     a("--schedule", choices=SCHEDULES, help="beta schedule (linear)")
     a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v (Salimans & Ho 2022) (eps)")
     a("--min-snr-gamma", type=float, help="weight the loss by min(SNR, gamma) (Hang et al. 2023); 0: off (0)")
+    a("--variance", choices=VARIANCES, help="reverse-process variance: beta~_t, beta_t, or learned (fixed_small)")
+    a("--loss", choices=LOSSES, help="L_simple; L_hybrid (learned variance); L_vlb, importance-sampled (simple)")
     a("--width", type=int, help="U-Net channels at full resolution (preset)")
     a("--channel-mults", type=int, nargs="+", help="channel multiplier per resolution level (preset)")
     a("--num-res-blocks", type=int, help="residual blocks per level (preset)")
@@ -276,6 +287,7 @@ def resolve_configs(args, device, saved=None):
         why = "--preset" if given.get("preset", "auto") != "auto" else f"--preset auto found a {device.type} device"
         note = f"preset {preset} ({why}; --preset cpu|gpu or any single flag changes it)"
     merged = {**base, **given}
+    merged["learned_variance"] = merged["variance"] == "learned"  # the network's extra output channels
     pick = lambda cls: cls(**{f.name: merged[f.name] for f in fields(cls)})
     try:
         return pick(UNetConfig), pick(DiffusionConfig), pick(TrainConfig), note

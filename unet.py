@@ -29,6 +29,7 @@ class UNetConfig:
     attn_resolutions: tuple = (7,)  # feature-map sizes that get self-attention
     dropout: float = 0.1
     num_classes: int = 0  # > 0: class-conditional, with label num_classes meaning "no class" (Ho & Salimans 2022)
+    learned_variance: bool = False  # also output the variance fraction v per pixel (Nichol & Dhariwal 2021, 3.1)
 
     def __post_init__(self):
         # Checkpoints store plain lists; keep tuples so configs compare equal after a round trip.
@@ -58,6 +59,10 @@ class UNetConfig:
                 raise ValueError(f"width {self.width}: an attention block gets {ch} channels, which its "
                                  f"{attention_heads(ch)} heads of {HEAD_DIM} do not divide; use a width whose "
                                  f"attention channels are a multiple of {HEAD_DIM} or below it (e.g. 32, 64)")
+
+    def out_channels(self):
+        """The prediction's channels, then as many for the variance if it is learned."""
+        return self.in_channels * (2 if self.learned_variance else 1)
 
     def resolutions(self):
         """Feature-map sizes of the levels, e.g. (28, 14, 7)."""
@@ -125,7 +130,8 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Predicts the noise (or another target) in x_t: ([B, C, H, W], t [B], labels [B] or None) -> [B, C, H, W].
+    """Predicts the noise (or another target) in x_t: ([B, C, H, W], t [B], labels [B] or None) -> [B, C, H, W],
+    or [B, 2C, H, W] with the variance fraction's channels after the prediction's when learned_variance.
 
     A conditional model given no labels (or label num_classes) is the unconditional model.
     """
@@ -170,7 +176,7 @@ class UNet(nn.Module):
                                               nn.Conv2d(ch, ch, 3, padding=1)]))
                 res *= 2
 
-        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, c.in_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels(), 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

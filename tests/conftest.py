@@ -88,12 +88,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _tiny_run(folder, model_cfg, cfg, images=None, resume=None, loss_hook=None):
+def _tiny_run(folder, model_cfg, cfg, images=None, resume=None, loss_hook=None, diffusion_cfg=None):
     """What train.run does, minus data and figures, in-process on the CPU: set up (or resume from
     a checkpoint), train, checkpoint into folder. Returns (model, ema, state)."""
     cpu = torch.device("cpu")
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8) if images is None else images
-    model, ema, d, opt, state = train.setup(model_cfg, DiffusionConfig(20), cfg, cpu, resume and load_checkpoint(resume))
+    model, ema, d, opt, state = train.setup(model_cfg, diffusion_cfg or DiffusionConfig(20), cfg, cpu,
+                                            resume and load_checkpoint(resume))
     if loss_hook:
         d.loss = loss_hook(d.loss)
     save = lambda: save_checkpoint(make_checkpoint(model, ema, d, opt, cfg.recipe(), state, 1), folder)

@@ -95,3 +95,17 @@ def test_a_problem_found_by_one_process_stops_them_all(cli, tmp_path):
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.count("exitcode: 2") + done.stderr.count("exitcode  : 2") >= 2  # both ranks, one line each
     assert (folder / "ckpt.pt").read_bytes() == b"an earlier run"
+
+
+def test_the_ranks_share_one_timestep_history_for_loss_vlb(cli, tmp_path):
+    """Importance sampling draws t from the history of every rank's losses: kept alike on all ranks, it
+    draws what a single process draws, once the history is full (20 t x 10 losses: step 13 or so)."""
+    flags = ["--variance", "learned", "--loss", "vlb", "--max-steps", "24", "--log-every", "4"]
+    torchrun(cli, tmp_path / "ddp", *flags, "--batch-size", "8", "--checkpoint-dir", tmp_path / "ddp")
+    single = cli.run("train.py", *FLAGS, *flags, "--batch-size", "16", "--checkpoint-dir", tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    one, two = load_checkpoint(tmp_path / "single"), load_checkpoint(tmp_path / "ddp")
+    assert (one["timestep_history"]["counts"] == 10).all()
+    assert torch.equal(two["timestep_history"]["counts"], one["timestep_history"]["counts"])
+    torch.testing.assert_close(two["timestep_history"]["losses"], one["timestep_history"]["losses"], rtol=1e-4, atol=0)
+    torch.testing.assert_close([v for *_, v in two["history"]], [v for *_, v in one["history"]], rtol=1e-4, atol=0)

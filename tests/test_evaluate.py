@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -159,3 +160,15 @@ def test_the_default_sweep_includes_the_default_sampler():
     assert ("ema", {"sampler": "dpm++", "steps": 20, "eta": 1.0}, evaluate.GUIDANCE) in runs
     assert ("ema", {"sampler": "dpm++", "steps": 20, "eta": 0.0}, evaluate.GUIDANCE) in runs  # and the ODE
     assert {w for w, *_ in runs} == {"ema", "raw"}
+
+
+def test_a_sweep_over_several_checkpoints_compares_their_ema_weights(scored_checkpoint):
+    cli, other = scored_checkpoint, scored_checkpoint.ckpt.parent / "copy"
+    other.mkdir()
+    shutil.copy(cli.ckpt / "ckpt.pt", other / "ckpt.pt")
+    evaluate.main([str(a) for a in ["--checkpoint", cli.ckpt, other, "--data-dir", cli.data, "--classifier-dir",
+                                    cli.ckpt, "--output-dir", cli.out, "--n", "20", "--sweep", "--grid", "ddpm:4"]])
+    result = json.loads((cli.out / "eval.json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["real train images", f"{cli.ckpt} ddpm-4 ema", f"{other} ddpm-4 ema"]
+    assert result["rows"][1]["fid"] == result["rows"][2]["fid"]  # the same weights and seed: the same images
+    assert result["step"] == {str(cli.ckpt): 4, str(other): 4} and (cli.out / "fid_vs_steps.png").is_file()

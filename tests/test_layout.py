@@ -69,6 +69,9 @@ LAYOUTS = {2: {
     "TrainConfig": ["batch_size", "checkpoint_every", "cond_drop", "ema_decay", "epochs", "grad_clip", "log_every",
                     "lr", "precision", "seed", "warmup_steps"],
 }}
+LAYOUTS[3] = {**LAYOUTS[2], "keys": sorted(LAYOUTS[2]["keys"] + ["timestep_history"]),
+              "UNetConfig": sorted(LAYOUTS[2]["UNetConfig"] + ["learned_variance"]),
+              "DiffusionConfig": sorted(LAYOUTS[2]["DiffusionConfig"] + ["loss", "variance"])}
 
 
 def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):
