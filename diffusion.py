@@ -239,8 +239,9 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def bits_per_dim(self, model, x0, generator=None, callback=None):
-        """The whole variational bound L_T + sum_t L_t (eq. 5 of Nichol & Dhariwal 2021), one network
-        evaluation per timestep, in bits per dimension: [B, C, H, W] -> [B]. callback(t) after each t."""
+        """The whole variational bound L_T + sum_t L_t (eq. 5 of Nichol & Dhariwal 2021), every term computed,
+        one network evaluation per timestep, in bits per dimension: [B, C, H, W] -> [B]. Exact in t; each
+        L_t is still taken at one x_t ~ q(x_t | x_0), as in their code. callback(t) after each t."""
         total = self.prior_bpd(x0)
         for t in reversed(range(self.timesteps)):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -307,14 +308,18 @@ class TimestepSampler:
 
     def sample(self, n, generator=None, device="cpu"):
         """n timesteps drawn from p_t, and the weights 1 / (T p_t) that keep T L_t unbiased: [n], [n]."""
-        p = self.probabilities().to(device)
+        p = self.probabilities().to(device, torch.float32)  # some devices (MPS) have no float64
         t = torch.multinomial(p, n, replacement=True, generator=generator)
         return t, (1 / (len(p) * p[t])).float()
 
     def update(self, t, losses):
-        """Record each example's loss under its t, in order: [n] timesteps, [n] losses."""
+        """Record each example's loss under its t, in order: [n] timesteps, [n] losses. A NaN or Inf is not
+        recorded (it would poison every p_t): the training loop reports a diverged loss itself. Reading the
+        losses back waits for the device every step, a cost only --loss vlb pays."""
         keep = self.losses.shape[1]
         for ti, loss in zip(t.tolist(), losses.tolist()):
+            if not math.isfinite(loss):
+                continue
             if self.counts[ti] == keep:
                 self.losses[ti] = torch.cat([self.losses[ti, 1:], self.losses.new_tensor([loss])])
             else:

@@ -215,7 +215,7 @@ def build_parser():
     a("--steps", type=int, help="sampler steps for a single evaluation (the sampler's default, as in sample.py)")
     a("--eta", type=float, help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation "
                                 "(the sampler's default, as in sample.py: dpm++ 1, ddim 0)")
-    a("--n", type=int, default=10000, help="images to generate and score per evaluation (10000)")
+    a("--n", type=int, help="images to generate and score per evaluation (10000)")
     a("--no-ema", action="store_true", help="score the raw weights instead of their moving average")
     a("--sweep", action="store_true", help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
     a("--grid", nargs="+", help=f"SAMPLER:STEPS[:ETA] entries for --sweep ({' '.join(GRID)})")
@@ -231,7 +231,7 @@ def build_parser():
     a("--seed", type=int, default=0, help="seed for generation and for the real-image subset (0)")
     a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
     a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
-    a("--classifier-dir", default="checkpoints", help="where classifier.pt is cached (checkpoints)")
+    a("--classifier-dir", help="where classifier.pt is cached (checkpoints)")
     a("--output-dir", default="output", help="where eval.json and fid_vs_steps.png go (output)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     return p
@@ -265,8 +265,8 @@ def plan(args, timesteps, conditional, both=True):
 def likelihood(args, ckpt, device):
     """--bpd: the bound in bits per dimension on the test set, estimated (unbiased, two network evaluations
     per image) over all of it with its standard error, and exact on the first --bpd-exact images."""
-    sampling = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "sweep", "grid", "guidance",
-                                                      "guidance_sweep", "unconditional")
+    sampling = [f"--{k.replace('_', '-')}" for k in ("n", "sampler", "steps", "eta", "sweep", "grid", "guidance",
+                                                      "guidance_sweep", "unconditional", "classifier_dir")
                 if getattr(args, k) not in (None, False)]
     check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop {', '.join(sampling)}")
     check(args.bpd_exact >= 0, f"--bpd-exact must be 0 (skip) or more, got {args.bpd_exact}")
@@ -308,6 +308,8 @@ def run(args):
                                                    "--checkpoint")
     if args.bpd:
         return likelihood(args, load_checkpoint(args.checkpoint[0]), pick_device(args.device))
+    args.n = 10000 if args.n is None else args.n  # defaults filled after --bpd has refused them
+    args.classifier_dir = args.classifier_dir or "checkpoints"
     check(args.n >= 2, f"--n must be at least 2 (a covariance needs two images), got {args.n}")
     device = pick_device(args.device)
     ckpts = {path: load_checkpoint(path) for path in args.checkpoint}

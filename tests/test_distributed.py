@@ -101,7 +101,10 @@ def test_the_ranks_share_one_timestep_history_for_loss_vlb(cli, tmp_path):
     """Importance sampling draws t from the history of every rank's losses: kept alike on all ranks, it
     draws what a single process draws, once the history is full (20 t x 10 losses: step 13 or so)."""
     flags = ["--variance", "learned", "--loss", "vlb", "--max-steps", "24", "--log-every", "4"]
-    torchrun(cli, tmp_path / "ddp", *flags, "--batch-size", "8", "--checkpoint-dir", tmp_path / "ddp")
+    _, (rank0, rank1) = torchrun(cli, tmp_path / "ddp", *flags, "--batch-size", "8",
+                                 "--checkpoint-dir", tmp_path / "ddp")
+    for name, w in rank0["model"].items():
+        assert torch.equal(w, rank1["model"][name]), name
     single = cli.run("train.py", *FLAGS, *flags, "--batch-size", "16", "--checkpoint-dir", tmp_path / "single")
     assert single.returncode == 0, single.stderr
     one, two = load_checkpoint(tmp_path / "single"), load_checkpoint(tmp_path / "ddp")

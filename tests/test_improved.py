@@ -141,6 +141,13 @@ def test_respacing_with_all_t_steps_is_the_unrespaced_sampler(tiny_config, varia
     assert_close(got, x, rtol=1e-4, atol=1e-4)
     fewer = sample_ddpm(model, d, noise, steps=5, generator=torch.Generator().manual_seed(5))
     assert fewer.isfinite().all() and not torch.allclose(fewer, got)
+    # A jump from t to s takes beta = 1 - abar_t / abar_s and beta~ = beta (1 - abar_s) / (1 - abar_t), not beta_t.
+    abar, v = d.alphas_cumprod.double(), torch.full((1,), 0.25, dtype=torch.float64)
+    beta = 1 - abar[15] / abar[10]
+    tilde = beta * (1 - abar[10]) / (1 - abar[15])
+    expected = {"fixed_small": tilde.log(), "fixed_large": beta.log(),
+                "learned": 0.25 * beta.log() + 0.75 * tilde.log()}
+    assert_close(d.step_log_variance(v, abar[15], abar[10]).expand(1), expected[variance].expand(1))
 
 
 def test_resume_with_loss_vlb_is_bitwise_the_unbroken_run(tmp_path, tiny_config, tiny_run):
@@ -148,7 +155,7 @@ def test_resume_with_loss_vlb_is_bitwise_the_unbroken_run(tmp_path, tiny_config,
     cfg = dict(epochs=10, batch_size=16, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=1000)
     learned, vlb = replace(tiny_config, learned_variance=True), DiffusionConfig(20, variance="learned", loss="vlb")
     run = lambda name, **kw: tiny_run(tmp_path / name, learned, train.TrainConfig(**cfg, **kw), images,
-                                      diffusion_cfg=vlb, resume=kw.pop("resume", None))
+                                      diffusion_cfg=vlb)
     straight, straight_ema, s1 = run("a")
     run("b", max_steps=25)
     stopped = load_checkpoint(tmp_path / "b")["timestep_history"]
@@ -162,6 +169,25 @@ def test_resume_with_loss_vlb_is_bitwise_the_unbroken_run(tmp_path, tiny_config,
     a, b = load_checkpoint(tmp_path / "a")["timestep_history"], load_checkpoint(tmp_path / "b")["timestep_history"]
     assert torch.equal(a["losses"], b["losses"]) and torch.equal(a["counts"], b["counts"])
     assert not torch.equal(a["losses"], stopped["losses"])
+
+
+def test_training_weighs_each_example_by_its_importance_weight(tmp_path, tiny_config, tiny_run, monkeypatch):
+    """The step's loss is mean(w_i T L_{t_i}), not the unweighted mean, once t is importance-sampled."""
+    weights = torch.tensor([0.5, 3.0, 1.0, 0.25])
+    monkeypatch.setattr(TimestepSampler, "sample", lambda self, n, g, device: (torch.tensor([0, 5, 10, 19]), weights))
+    seen = []
+    hook = lambda loss: lambda *a: (lambda out: seen.append(out.detach()) or out)(loss(*a))
+    learned = replace(tiny_config, learned_variance=True)
+    _, _, state = tiny_run(tmp_path, learned, train.TrainConfig(epochs=1, batch_size=4, max_steps=1), loss_hook=hook,
+                           diffusion_cfg=DiffusionConfig(20, variance="learned", loss="vlb"))
+    assert_close(state["history"][0][2], (seen[0] * weights).mean().item())
+    assert not torch.allclose(seen[0].mean(), (seen[0] * weights).mean())
+
+
+def test_a_nan_loss_is_left_out_of_the_timestep_history():
+    s = TimestepSampler(3, keep=2)
+    s.update(torch.tensor([0, 1, 1]), torch.tensor([1.0, float("nan"), 2.0]))
+    assert s.counts.tolist() == [1, 1, 0] and s.losses[1, 0] == 2.0
 
 
 def test_a_version_2_checkpoint_reads_as_fixed_small_and_resumes(good_checkpoint, tmp_path, tiny_config, tiny_run):
@@ -215,6 +241,7 @@ def test_train_refuses_a_variance_and_loss_that_do_not_go_together(fails, cli, f
     assert message in err and not cli.ckpt.exists()
 
 
-def test_bpd_refuses_sampling_flags(fails, good_checkpoint, tmp_path):
-    err = fails(evaluate, ["--checkpoint", good_checkpoint, "--bpd", "--steps", "10", "--output-dir", tmp_path / "o"])
-    assert "drop --steps" in err and not (tmp_path / "o").exists()
+@pytest.mark.parametrize("flag", [["--steps", "10"], ["--n", "500"], ["--classifier-dir", "x"]])
+def test_bpd_refuses_sampling_flags(fails, good_checkpoint, tmp_path, flag):
+    err = fails(evaluate, ["--checkpoint", good_checkpoint, "--bpd", *flag, "--output-dir", tmp_path / "o"])
+    assert f"drop {flag[0]}" in err and not (tmp_path / "o").exists()

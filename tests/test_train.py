@@ -218,9 +218,12 @@ def version_1(ckpt):
     """The checkpoint as train.py wrote it before the format was versioned: format string '/1', an RNG
     state, the per-command limits in the config, and no fields that TrainConfig gained later."""
     old_train = {k: v for k, v in ckpt["config"]["train"].items() if k not in ("precision", "cond_drop", "grad_clip")}
-    v1 = {k: v for k, v in ckpt.items() if k not in ("version", "world_size")}
+    v1 = {k: v for k, v in ckpt.items() if k not in ("version", "world_size", "timestep_history")}
+    config = ckpt["config"]
     return {**v1, "format": "ddpm-fashion-mnist/1", "rng": {"cpu": torch.get_rng_state()},
-            "config": {**ckpt["config"], "train": {**old_train, "max_steps": 3, "compile": True}}}
+            "config": {"model": {k: v for k, v in config["model"].items() if k != "learned_variance"},
+                       "diffusion": {k: v for k, v in config["diffusion"].items() if k not in ("variance", "loss")},
+                       "train": {**old_train, "max_steps": 3, "compile": True}}}
 
 
 def test_older_checkpoints_load_and_newer_ones_say_so(good_checkpoint, tmp_path, fails):
@@ -232,6 +235,7 @@ def test_older_checkpoints_load_and_newer_ones_say_so(good_checkpoint, tmp_path,
     assert (upgraded["format"], upgraded["version"], upgraded["world_size"]) == (FORMAT, VERSION, 1)
     assert "rng" not in upgraded and "max_steps" not in upgraded["config"]["train"]
     assert upgraded["config"]["train"]["precision"] == "fp32" and upgraded["config"]["train"]["grad_clip"] == 0.0
+    assert upgraded["config"]["diffusion"] == ckpt["config"]["diffusion"] and upgraded["timestep_history"] is None
     sample.main(["--checkpoint", str(tmp_path / "v1.pt"), "--output-dir", str(tmp_path / "out"), "--n", "2",
                  "--steps", "2"])
     assert (tmp_path / "out" / "samples.png").is_file()
