@@ -55,7 +55,7 @@ class DiffusionConfig:
     def loss_name(self):
         """What the training loss is, for plots: L_simple is Ho et al.'s unweighted eps MSE only."""
         if self.loss == "vlb":
-            return "L_vlb, bits/dim x T"
+            return "L_vlb = sum of L_t, estimated, bits/dim"
         mse = (f"{self.prediction} MSE, min-SNR-{self.min_snr_gamma:g} weighted" if self.min_snr_gamma else
                "L_simple, eps MSE" if self.prediction == "eps" else "v MSE")
         return mse + (" + 0.001 L_vlb" if self.loss == "hybrid" else "")
