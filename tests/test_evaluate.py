@@ -162,6 +162,7 @@ def test_the_default_sweep_includes_the_default_sampler():
     assert {w for w, *_ in runs} == {"ema", "raw"}
 
 
+@pytest.mark.slow
 def test_a_sweep_over_several_checkpoints_compares_their_ema_weights(scored_checkpoint):
     cli, other = scored_checkpoint, scored_checkpoint.ckpt.parent / "copy"
     other.mkdir()

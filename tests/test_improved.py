@@ -215,6 +215,7 @@ def test_guidance_steers_the_prediction_and_keeps_the_conditional_variance(tiny_
     assert torch.equal(out[:, 1:], cond[:, 1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["hybrid", "vlb"])
 def test_learned_variance_trains_samples_and_scores_from_the_command_line(cli, loss):
     trained = cli.run("train.py", "--variance", "learned", "--loss", loss, "--max-steps", "12", "--sample-n", "4",
