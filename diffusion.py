@@ -190,10 +190,10 @@ class Diffusion(nn.Module):
         L_hybrid = L_simple + lambda L_vlb (eq. 16 of Nichol & Dhariwal 2021), the mean's gradient stopped in
         L_vlb so that it trains the variance only; or L_vlb alone. L_vlb = sum_t L_t is estimated by T L_t at
         the t drawn, in bits per dimension; weigh it by TimestepSampler's weights when t is not uniform."""
+        if self.config.loss == "vlb":
+            return self.timesteps * self.bound_term(model, x0, t, noise, clip=False)
         xt = self.q_sample(x0, t, noise)
         pred, v = self.split(model(xt, t).float())
-        if self.config.loss == "vlb":
-            return self.timesteps * self.vlb_term(x0, xt, t, *self.p_mean_variance(pred, v, xt, t)[:2])
         target = noise if self.config.prediction == "eps" else self.v_target(x0, t, noise)
         mse = (pred - target).pow(2).flatten(1).mean(1)
         mse = mse * self.loss_weight(t) if self.config.min_snr_gamma else mse
@@ -231,10 +231,11 @@ class Diffusion(nn.Module):
         kl = normal_kl(a * x0, torch.log(s**2), torch.zeros_like(x0), torch.zeros_like(x0))
         return kl.flatten(1).mean(1) / math.log(2)
 
-    def bound_term(self, model, x0, t, noise):
-        """L_t in bits per dimension at x_t ~ q(x_t | x_0) made with `noise`, x_0 clipped as in sampling: [B]."""
+    def bound_term(self, model, x0, t, noise, clip=True):
+        """L_t in bits per dimension at x_t ~ q(x_t | x_0) made with `noise`: [B]. clip: x_0 to [-1, 1] as in
+        sampling (evaluation); training leaves it unclipped."""
         xt = self.q_sample(x0, t, noise)
-        mean, log_variance, _ = self.p_mean_variance(*self.split(model(xt, t).float()), xt, t, clip=True)
+        mean, log_variance, _ = self.p_mean_variance(*self.split(model(xt, t).float()), xt, t, clip=clip)
         return self.vlb_term(x0, xt, t, mean, log_variance)
 
     @torch.no_grad()

@@ -276,14 +276,16 @@ def likelihood(args, ckpt, device):
     g = torch.Generator(device).manual_seed(args.seed)
     batch = args.batch_size or (1000 if device.type == "cuda" else 250)
     result = {"checkpoint": args.checkpoint[0], "step": ckpt["step"], "weights": "raw" if args.no_ema else "ema"}
+
+    def summary(values, started):  # per-image bits/dim [N] -> their mean, its standard error, the time taken
+        n = len(values)
+        return {"images": n, "bpd": values.mean().item(), "seconds": time.perf_counter() - started,
+                "standard_error": (values.std() / n**0.5).item() if n > 1 else None}
+
     started, values = time.perf_counter(), []
     for i in tqdm(range(0, len(x), batch), desc="bits/dim, estimate", disable=None):
         values.append(diffusion.bits_per_dim_estimate(model, x[i:i + batch].to(device), g).cpu().double())
-    values = torch.cat(values)
-    result["estimate"] = {"images": len(x), "bpd": values.mean().item(),
-                          "standard_error": (values.std() / len(values) ** 0.5).item(),
-                          "seconds": time.perf_counter() - started}
-    estimate = result["estimate"]
+    estimate = result["estimate"] = summary(torch.cat(values), started)
     print(f"bits/dim, estimated over the {len(x)} test images: {estimate['bpd']:.4f} +- "
           f"{estimate['standard_error']:.4f} (1 standard error), {estimate['seconds']:.0f} s")
     if args.bpd_exact:
@@ -293,11 +295,9 @@ def likelihood(args, ckpt, device):
                 part = x[i:min(i + batch, n)].to(device)
                 total = diffusion.bits_per_dim(model, part, g, callback=lambda t: bar.update(len(part)))
                 values.append(total.cpu().double())
-        values = torch.cat(values)
-        result["exact"] = {"images": n, "bpd": values.mean().item(), "seconds": time.perf_counter() - started,
-                           "standard_error": (values.std() / n ** 0.5).item() if n > 1 else None}
-        print(f"bits/dim, exact bound on the first {n} test images: {values.mean():.4f} (their spread: "
-              f"+- {result['exact']['standard_error'] or 0:.4f}), {result['exact']['seconds']:.0f} s")
+        exact = result["exact"] = summary(torch.cat(values), started)
+        print(f"bits/dim, exact bound on the first {n} test images: {exact['bpd']:.4f} (their spread: "
+              f"+- {exact['standard_error'] or 0:.4f}), {exact['seconds']:.0f} s")
     atomic_write(out / "bpd.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"wrote {out / 'bpd.json'}")
 
