@@ -7,7 +7,6 @@ matrix-multiply peak, measured in the same run.
 """
 import argparse
 import contextlib
-import io
 import json
 import time
 from dataclasses import replace
@@ -20,6 +19,7 @@ import data
 import train
 from checkpoint import atomic_write
 from cli import ArgumentParser, check, check_writable, default_batch_size, pick_device, run_command, tf32
+from config import PRESETS, TrainConfig
 from diffusion import Diffusion, DiffusionConfig
 from sample import generate
 from unet import UNet, UNetConfig
@@ -57,21 +57,6 @@ def flops_per_image(model, diffusion, batch=16):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t)
     return train_flops, counter.get_total_flops() / batch
-
-
-def loop_rate(model_cfg, cfg, images, device, steps, warmup, channels_last=False):
-    """Training images/s of train.train itself, after `warmup` steps (compilation included there)."""
-    model, ema, diffusion, optimizer, state = train.setup(model_cfg, DiffusionConfig(), cfg, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        train.train(model, ema, diffusion, optimizer, images, replace(cfg, max_steps=warmup), device, state, lambda: 0)
-        sync(device)
-        start = time.perf_counter()
-        train.train(model, ema, diffusion, optimizer, images, replace(cfg, max_steps=warmup + steps), device, state,
-                    lambda: 0)
-        sync(device)
-    return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
 def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
@@ -130,9 +115,9 @@ def run(args):
     device = pick_device(args.device)
     args.sample_n = args.sample_n or default_batch_size(device)
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    values = train.PRESETS[preset]
+    values = PRESETS[preset]
     model_cfg = UNetConfig(**{k: v for k, v in values.items() if k in UNetConfig.__dataclass_fields__})
-    cfg = train.TrainConfig(**{k: v for k, v in values.items() if k in train.TrainConfig.__dataclass_fields__})
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
     images = data.load_fashion_mnist(args.data_dir)[0].to(device)
     model, diffusion = UNet(model_cfg), Diffusion(DiffusionConfig())
     train_flops, sample_flops = flops_per_image(model, diffusion)
@@ -153,9 +138,11 @@ def run(args):
         plain = plain_rate(model_cfg, cfg, args.data_dir, device, args.steps, args.warmup)
         report("plain: DataLoader + transforms, fp32", plain, train_flops)
         cuda = device.type == "cuda"
+        last = dict(memory_format="channels_last")
         settings = [("tensor data path, fp32", dict(precision="fp32"), {}),
-                    ("tensor data path, fp32, channels_last", dict(precision="fp32"), dict(channels_last=True)),
-                    ("tensor data path, bf16 autocast", dict(precision="bf16"), {})]
+                    ("tensor data path, fp32, channels_last", dict(precision="fp32", **last), {}),
+                    ("tensor data path, bf16 autocast", dict(precision="bf16"), {}),
+                    ("tensor data path, bf16, channels_last", dict(precision="bf16", **last), {})]
         settings += [("tensor data path, fp32, TF32", dict(precision="fp32"), dict(tf32=True))] if cuda else []
         if "compile" not in args.skip:
             settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
@@ -163,7 +150,8 @@ def run(args):
         for name, options, extra in settings:
             warmup = args.warmup + (3 if options.get("compile") else 0)
             with tf32(extra.pop("tf32", False)):
-                rate = loop_rate(model_cfg, replace(cfg, **options), images, device, args.steps, warmup, **extra)
+                rate = cfg.batch_size * train.measure_rate(model_cfg, DiffusionConfig(), replace(cfg, **options),
+                                                           images, device, steps=args.steps, warmup=warmup)
             report(name, rate, train_flops, plain)
 
     print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, default_batch_size(device))})")

@@ -22,7 +22,7 @@ except ImportError:  # Windows
     import msvcrt
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 3  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 4  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
@@ -163,6 +163,10 @@ def _upgrade(ckpt, path):
             "diffusion": {**config["diffusion"], "variance": "fixed_small", "loss": "simple"}}}
         if "optimizer" in ckpt:  # a resumable one: it had no timestep history, as loss simple keeps none
             ckpt["timestep_history"] = None
+    if ckpt["version"] == 3:  # 4 added the learning-rate decay, the EMA's power, steps and the memory format
+        config = ckpt["config"]
+        ckpt = {**ckpt, "version": 4, "config": {**config, "train": {
+            "steps": 0, "lr_schedule": "constant", "ema_power": 8.0, "memory_format": "contiguous", **config["train"]}}}
     return ckpt
 
 
@@ -211,6 +215,10 @@ def restore(ckpt, model, ema, optimizer, state):
         ema.module.load_state_dict(ckpt["ema"])
         ema.n_averaged.fill_(ckpt["ema_updates"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for p, kept in optimizer.state.items():  # Adam's moments in their parameter's memory format, which fused
+            for k, v in kept.items():             # Adam requires, and a resumed run may have changed (channels_last)
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    kept[k] = torch.empty_like(p).copy_(v)
         state.update(step=ckpt["step"], epoch=ckpt["epoch"], history=[tuple(h) for h in ckpt["history"]])
         if (ckpt["timestep_history"] is None) != (state.get("timesteps") is None):
             raise ValueError("a timestep history is kept for loss vlb, and only there")

@@ -1,11 +1,12 @@
 """Train a DDPM on Fashion-MNIST: `python train.py` (see --help), then look in output/."""
 import argparse
 import contextlib
+import io
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -15,50 +16,15 @@ from tqdm import tqdm
 
 from checkpoint import (claim_folder, continues, locked, make_checkpoint, open_checkpoint, restore, save_checkpoint,
                         take_folder)
-from cli import (DEFAULT_SAMPLER, ArgumentParser, Diverged, UserError, agree_to_stop, autocast_for, check,
-                 check_writable, describe, gather_from_ranks, graceful_signals, mean_over_ranks, run_command,
-                 sampler_settings, start_distributed, tf32, together, world)
+from cli import (DEFAULT_SAMPLER, ArgumentParser, Diverged, agree_to_stop, autocast_for, check, check_writable,
+                 describe, gather_from_ranks, graceful_signals, mean_over_ranks, run_command, sampler_settings,
+                 start_distributed, tf32, together, world)
+from config import LR_SCHEDULES, MEMORY_FORMATS, PRECISIONS, resolve_configs, validate
 from data import epoch_batches, load_fashion_mnist, prepare_fashion_mnist, to_model_range
-from diffusion import LOSSES, PREDICTIONS, SCHEDULES, VARIANCES, Diffusion, DiffusionConfig, TimestepSampler
+from diffusion import LOSSES, PREDICTIONS, SCHEDULES, VARIANCES, Diffusion, TimestepSampler
 from figures import save_forward_figure, save_loss_history
 from sample import draw_pictures
-from unet import UNet, UNetConfig, count_parameters
-
-# Presets fill in every flag the user did not give. The cpu one is sized to finish in about
-# 30 minutes on 2 cores (README, "Measured"); the gpu one is a larger model trained for longer.
-PRESETS = {
-    "cpu": dict(width=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,), dropout=0.0,
-                epochs=2, batch_size=64, lr=1e-3),
-    "gpu": dict(width=64, channel_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,), dropout=0.1,
-                epochs=40, batch_size=128, lr=2e-4),
-}
-# Settings of one command, not of the run: --resume never takes them from the checkpoint.
-PER_COMMAND = ("max_steps", "max_minutes", "compile")
-# With the model and diffusion, fixed for a run: the data order and the step count depend on them.
-FIXED_ON_RESUME = ("batch_size", "seed")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
-    ema_decay: float = 0.999
-    cond_drop: float = 0.1  # conditional models: share of labels replaced by "no class" (Ho & Salimans 2022)
-    seed: int = 0
-    checkpoint_every: int = 500
-    log_every: int = 50
-    max_steps: int = 0  # 0: no limit
-    max_minutes: float = 0.0  # 0: no limit
-    precision: str = "fp32"  # or "bf16" autocast: 1.65x faster on a bf16-capable CPU, slower on an H100 (README)
-    compile: bool = False  # torch.compile the model for the training step
-
-    def recipe(self):
-        """What a checkpoint keeps of this config: all but the settings of one command (PER_COMMAND)."""
-        return {k: v for k, v in asdict(self).items() if k not in PER_COMMAND}
-
+from unet import UNet, count_parameters
 
 # ---------------------------------------------------------------------------- the loop
 
@@ -69,26 +35,36 @@ def step_seed(seed, step, stream):
     return ((seed * 1_000_003 + step) * 1_009 + stream) % 2**63
 
 
-def ema_of(model, decay):
-    """An exponential moving average of model's weights, updated by ema.update_parameters(model).
+class EMA(AveragedModel):
+    """An exponential moving average of a model's weights, to sample from: update_parameters(model) each step.
 
-    The decay starts low, min(decay, (1 + n) / (10 + n)) after n updates, so the average
-    forgets the random initialisation quickly and then settles to `decay`.
+    After n updates the decay is min(decay, (1 + n) / (power + 2 + n)): it starts low, so the average forgets
+    the random initialisation at once, and until it reaches `decay` it is about the power-function EMA of
+    Karras et al. 2024 (Eq. 3 there: step s weighted by s^power, an average over the last ~1/(power+1) of the
+    run). The update is one foreach lerp, with the count on the host: no device sync per step on a GPU.
     """
-    @torch.no_grad()
-    def update(ema_params, params, n):
-        d = min(decay, (1 + n.item()) / (10 + n.item()))
-        for e, p in zip(ema_params, params):
-            e.lerp_(p, 1 - d)
 
-    return AveragedModel(model, multi_avg_fn=update)
+    def __init__(self, model, decay, power):
+        super().__init__(model)  # n_averaged, the count, is a CPU buffer
+        self.decay, self.power = decay, power
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        n = int(self.n_averaged)
+        d = min(self.decay, (1 + n) / (self.power + 2 + n)) if n else 0.0  # n = 0: a copy
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1 - d)
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.n_averaged += 1
 
 
 def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
     """Seeded model, its EMA, diffusion, Adam and loop state; restored from checkpoint `saved` if given."""
     torch.manual_seed(cfg.seed)
     model = UNet(model_cfg).to(device)
-    ema = ema_of(model, cfg.ema_decay)
+    if cfg.memory_format == "channels_last":  # before the EMA copies it and Adam allocates its state
+        model.to(memory_format=torch.channels_last)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_power)
     diffusion = Diffusion(diffusion_cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "history": [],
@@ -98,9 +74,13 @@ def setup(model_cfg, diffusion_cfg, cfg, device, saved=None):
     return model, ema, diffusion, optimizer, state
 
 
-def lr_at(step, cfg):
-    """Linear warm-up, then constant: Adam's early steps are the unstable ones."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def lr_at(step, cfg, total):
+    """Linear warm-up (Adam's early steps are the unstable ones), then constant, or decaying to 0 at step
+    `total` along a half cosine (Loshchilov & Hutter 2017) or a straight line."""
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    done = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.5 * (1 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1 - done)
 
 
 def drop_labels(labels, p, null, generator=None):
@@ -110,12 +90,13 @@ def drop_labels(labels, p, null, generator=None):
     return torch.where(drop, torch.full_like(labels, null), labels)
 
 
-def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, labels=None):
+def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, labels=None, deadline=math.inf):
     """The loop: sample t and noise, take an Adam step on the loss, update the EMA, log, save() now and then.
 
     images: uint8 [N, 28, 28] on device; labels [N] too, used if the model is class-conditional.
     state holds what must survive a restart (step, epoch, per-step loss history), updated in place.
-    Ends with a save() if it took a step. Returns why it stopped before the planned end, or None.
+    Ends with a save() if it took a step. Returns why it stopped before the planned end (a signal, or the
+    time.time() `deadline`), or None.
 
     Under torchrun each of the W processes takes its own cfg.batch_size slice of a global batch of
     W * cfg.batch_size, with the global batch's timesteps and noise drawn alike on every rank from the
@@ -126,12 +107,12 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     say = tqdm.write if rank == 0 else lambda *_: None
     steps_per_epoch = len(images) // batch
-    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    planned = cfg.total_steps(steps_per_epoch)  # where the learning-rate schedule ends
+    total = min(planned, cfg.max_steps or math.inf)
     autocast = autocast_for(device, cfg.precision)
     net = torch.compile(model) if cfg.compile else model  # same parameters; checkpoints save `model`
     if ranks > 1:  # averages the gradients over ranks during backward()
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     shared = torch.Generator(device)  # the draws every rank makes alike; see step_seed
     timesteps = state.get("timesteps")  # loss vlb's importance sampler of t, else None: uniform t
     pending = []  # (step, epoch, loss on the device): read back once per log_every steps, not every step
@@ -174,7 +155,7 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
                 t = t_all[mine]
                 noise = torch.randn(x0.shape, device=device, generator=shared)[mine]
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg)
+                    group["lr"] = lr_at(step, cfg, planned)
                 with autocast:
                     losses = diffusion.loss(lambda xt, tt: net(xt, tt, y), x0[mine], t, noise)
                     loss = (losses * weights[mine]).mean() if timesteps else losses.mean()
@@ -207,12 +188,43 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
             flush()
             in_epoch = [v for _, e, v in state["history"] if e == epoch]
             rate = (step - epoch * steps_per_epoch - start) * batch / (time.time() - epoch_start)
-            say(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {sum(in_epoch) / max(1, len(in_epoch)):.4f}, "
-                f"{rate:.0f} img/s, step {step}/{total}, {(time.time() - started) / 60:.1f} min")
+            say(f"epoch {epoch + 1}/{math.ceil(planned / steps_per_epoch)}: mean loss "
+                f"{sum(in_epoch) / max(1, len(in_epoch)):.4f}, {rate:.0f} img/s, step {step}/{total}, "
+                f"{(time.time() - started) / 60:.1f} min")
         bar.close()
         if step > first:
             checked_save()
     return stopped
+
+
+def measure_rate(model_cfg, diffusion_cfg, cfg, images, device, labels=None, steps=20, warmup=5):
+    """Steps per second of train() itself, on a scratch model and optimizer, after `warmup` steps (and any
+    compilation) are done. The run it is measured for is untouched: every step of train() seeds its own draws."""
+    model, ema, diffusion, optimizer, state = setup(model_cfg, diffusion_cfg, cfg, device)
+    def go(n):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            stopped = train(model, ema, diffusion, optimizer, images, replace(cfg, max_steps=n), device, state,
+                            lambda: None, labels)
+        if stopped in ("SIGINT", "SIGTERM"):  # nothing of the run itself has changed: stop at once
+            raise KeyboardInterrupt
+
+    go(warmup)
+    first, start = state["step"], time.perf_counter()
+    go(warmup + steps)  # ends reading the losses back: the device has finished
+    return (state["step"] - first) / (time.perf_counter() - start) if state["step"] > first else math.inf
+
+
+def plan(cfg, built, images, labels, device, deadline, steps_per_epoch):
+    """(cfg with `steps` set so that the run's schedule ends by time.time() `deadline`, or at its own end if that
+    comes first; the step rate measured now): what --max-minutes does to a new run."""
+    model, _, diffusion, _, state = built
+    rate = measure_rate(model.config, diffusion.config, cfg, images, device, labels)
+    left = max(0.0, deadline - time.time())
+    affordable = state["step"] + int(0.97 * rate * left) if math.isfinite(rate) else math.inf  # 3%: saves, noise
+    steps = torch.tensor([max(state["step"] + 1, min(cfg.total_steps(steps_per_epoch), affordable))], device=device)
+    if world()[1] > 1:  # the ranks' clocks and rates differ a little: all take the shortest plan
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+    return replace(cfg, steps=int(steps)), rate
 
 
 # ---------------------------------------------------------------------------- command line
@@ -222,9 +234,11 @@ def build_parser():
     a = p.add_argument
     a("--preset", choices=["auto", "cpu", "gpu"], help="defaults for model and schedule (auto: gpu on CUDA, else cpu)")
     a("--epochs", type=int, help="passes over the 60k training images (preset)")
+    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs (0: use --epochs)")
     a("--batch-size", type=int, help="images per step and process (preset); fixed for a run")
     a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
+    a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: constant, or decay to 0 at the last step (constant)")
     a("--timesteps", type=int, help="diffusion steps T (1000)")
     a("--schedule", choices=SCHEDULES, help="beta schedule (linear)")
     a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v (Salimans & Ho 2022) (eps)")
@@ -240,6 +254,7 @@ def build_parser():
     a("--conditional", action=argparse.BooleanOptionalAction, help="class-conditional model, for guidance (preset)")
     a("--cond-drop", type=float, help="conditional models: share of labels dropped to 'no class' (0.1)")
     a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to sample (0.999)")
+    a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: shorter average (8)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
@@ -250,62 +265,16 @@ def build_parser():
     a("--resume", metavar="PATH", help="continue the run saved in this checkpoint (file or folder)")
     a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds a run, replacing it")
     a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit); this command only")
-    a("--max-minutes", type=float, help="stop after this many minutes (0: no limit); this command only")
-    a("--precision", choices=["fp32", "bf16"], help="fp32 (TF32 on CUDA) or bf16 autocast; README, Speed (fp32)")
+    a("--max-minutes", type=float, help="a new run: measure the step rate, then set --steps so that the run and "
+                                          "its learning-rate schedule end within this many minutes; a resumed run: "
+                                          "stop after them (0: no limit); this command only")
+    a("--precision", choices=PRECISIONS, help="fp32 (TF32 on CUDA), bf16 autocast, or auto: bf16 on a CPU with bf16 "
+                                              "instructions, else fp32 (fp32)")
+    a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: channels_last on a CPU "
+                                                      "(contiguous)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile for training (off); this command only")
     a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
     return p
-
-
-def resolve_configs(args, device, saved=None):
-    """Model, diffusion and training configs, and a line saying where they came from.
-
-    Every flag left out (None) takes its value from the checkpoint when resuming, else from the preset;
-    a flag given explicitly always wins, except that a resumed run's model, batch size and seed are
-    fixed, and that the limits of a command (PER_COMMAND) are never taken from a checkpoint.
-    """
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None}
-    if "conditional" in given:
-        given["num_classes"] = 10 if given.pop("conditional") else 0
-    if saved is not None:
-        check("preset" not in given, "--preset does not apply with --resume: the run's settings come from its "
-                                     "checkpoint; drop --preset")
-        base = {**asdict(TrainConfig()), **saved["model"], **saved["diffusion"], **saved["train"]}
-        fixed = [f.name for cls in (UNetConfig, DiffusionConfig) for f in fields(cls)] + list(FIXED_ON_RESUME)
-        clash = [k for k in fixed if k in given and given[k] != base[k]]
-        def flag(k):  # as the user gave it, and what the checkpoint has
-            if k == "num_classes":
-                return "--" + "no-" * (not given[k]) + "conditional", "un" * (not base[k]) + "conditional"
-            return f"--{k.replace('_', '-')} {given[k]}", base[k]
-        check(not clash, "--resume continues a run with its model, batch size and seed; drop or change "
-              + ", ".join("%s (checkpoint: %s)" % flag(k) for k in clash) + ", or start a new run elsewhere")
-        note = f"config from {args.resume}"
-    else:
-        preset = given.get("preset", "auto")
-        preset = preset if preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-        base = {**asdict(UNetConfig()), **DiffusionConfig().to_dict(), **asdict(TrainConfig()), **PRESETS[preset]}
-        why = "--preset" if given.get("preset", "auto") != "auto" else f"--preset auto found a {device.type} device"
-        note = f"preset {preset} ({why}; --preset cpu|gpu or any single flag changes it)"
-    merged = {**base, **given}
-    merged["learned_variance"] = merged["variance"] == "learned"  # the network's extra output channels
-    pick = lambda cls: cls(**{f.name: merged[f.name] for f in fields(cls)})
-    try:
-        return pick(UNetConfig), pick(DiffusionConfig), pick(TrainConfig), note
-    except (TypeError, ValueError) as e:
-        raise UserError(str(e)) from None
-
-
-def validate(args, model_cfg, cfg):
-    """Refuse settings that cannot train, or flags that would be ignored, before anything is written."""
-    for name in ("epochs", "batch_size", "lr", "checkpoint_every", "log_every"):
-        check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "max_steps", "max_minutes", "grad_clip"):
-        check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
-    check(0 <= cfg.cond_drop <= 1, f"--cond-drop must be in [0, 1], got {cfg.cond_drop}")
-    check(model_cfg.num_classes or args.cond_drop is None, "--cond-drop applies to class-conditional models only: "
-                                                           "add --conditional or drop --cond-drop")
-    check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    check(args.sample_n >= 0, f"--sample-n must be 0 (no samples) or more, got {args.sample_n}")
 
 
 def run(args):
@@ -332,10 +301,13 @@ def run(args):
             images, labels = load_fashion_mnist(args.data_dir)
             check(cfg.batch_size <= len(images) // ranks,
                   f"--batch-size {cfg.batch_size} is larger than the {len(images) // ranks} training images")
-            planned = cfg.epochs * (len(images) // (ranks * cfg.batch_size))
-            limit = "--max-steps" if 0 < cfg.max_steps < planned else "--epochs"
+            planned = cfg.total_steps(len(images) // (ranks * cfg.batch_size))
+            limit = "--max-steps" if 0 < cfg.max_steps < planned else "--steps" if cfg.steps else "--epochs"
             check(saved is None or saved["step"] < min(planned, cfg.max_steps or planned), f"--resume: the run is at "
                   f"step {saved and saved['step']}, where this command would stop: give a larger {limit}")
+            check(cfg.lr_schedule == "constant" or cfg.warmup_steps < planned, f"--lr-schedule {cfg.lr_schedule} "
+                  f"decays after the warm-up, but --warmup-steps {cfg.warmup_steps} fills the run's {planned} steps: "
+                  f"give fewer warm-up steps or a longer run")
             built = setup(model_cfg, diffusion_cfg, cfg, device, saved)  # a checkpoint that does not fit: refused
             if rank == 0:  # the last step before training: every check has passed
                 take_folder(ckpt_dir, args.resume, source, args.overwrite)
@@ -351,9 +323,18 @@ def fit(args, cfg, device, saved, note, images, labels, built, out, ckpt_dir):
     model, ema, diffusion, optimizer, state = built
     model_cfg, diffusion_cfg = model.config, diffusion.config
     steps_per_epoch = len(images) // (ranks * cfg.batch_size)
+    images, labels, started = images.to(device), labels.to(device), time.time()
+    deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+    if cfg.max_minutes and saved is None:  # a resumed run keeps its length; the deadline may stop it early
+        with tf32(device.type == "cuda"):  # as the run will train
+            cfg, rate = plan(cfg, built, images, labels, device, deadline, steps_per_epoch)
+        log(f"--max-minutes {cfg.max_minutes:g}: {rate * ranks * cfg.batch_size:.0f} img/s measured, so the run "
+            f"ends at step {cfg.steps} (`--steps {cfg.steps}` without --max-minutes repeats it exactly)")
+    total = cfg.total_steps(steps_per_epoch)
     log(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, {len(images)} images, "
-        f"{cfg.epochs} epochs of {steps_per_epoch} steps\neffective batch {ranks * cfg.batch_size} ({cfg.batch_size} "
-        f"per process x {ranks} process{'es' if ranks > 1 else ''}), learning rate {cfg.lr:g}\n"
+        f"{total} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch})\neffective batch "
+        f"{ranks * cfg.batch_size} ({cfg.batch_size} per process x {ranks} process{'es' if ranks > 1 else ''}), "
+        f"learning rate {cfg.lr:g} ({cfg.lr_schedule})\n"
         f"model {model_cfg}\n{diffusion_cfg}\n{cfg}")
     if saved is None and rank == 0:
         firsts = [int((labels == c).nonzero()[0]) for c in (0, 1, 5, 7, 8)]  # T-shirt, trouser, sandal, sneaker, bag
@@ -362,11 +343,9 @@ def fit(args, cfg, device, saved, note, images, labels, built, out, ckpt_dir):
         if rank == 0:  # every rank holds the same weights
             save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg.recipe(), state, ranks), ckpt_dir)
 
-    started = time.time()
     try:
         with tf32(device.type == "cuda"):  # TF32 matmuls for training; sampling stays in full fp32
-            stopped = train(model, ema, diffusion, optimizer, images.to(device), cfg, device, state, save,
-                            labels.to(device))
+            stopped = train(model, ema, diffusion, optimizer, images, cfg, device, state, save, labels, deadline)
     except Diverged as e:
         raise Diverged(f"{e}. Nothing after that was saved: the newest checkpoint in {ckpt_dir}/ is the last good "
                        f"one") from None

@@ -15,6 +15,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from config import TrainConfig
 from diffusion import DiffusionConfig
 from unet import UNetConfig
 
@@ -111,7 +112,7 @@ def tiny_run():
 def good_checkpoint(tmp_path_factory, tiny_config):
     """A real checkpoint of the tiny model (T = 20), made once per test session."""
     folder = tmp_path_factory.mktemp("good")
-    _tiny_run(folder, tiny_config, train.TrainConfig(epochs=1, batch_size=8))
+    _tiny_run(folder, tiny_config, TrainConfig(epochs=1, batch_size=8))
     return folder / "ckpt.pt"
 
 

@@ -1,6 +1,6 @@
 """`torchrun ... tests/ddp_worker.py OUT_DIR [train.py flags]`: train.run, then save this rank's weights
 (and, with RECORD_DROPOUT=1, its first dropout mask) to OUT_DIR/rank{R}.pt, so that test_distributed.py
-can compare the ranks."""
+can compare the ranks. FAKE_STEP_RATE=r: rank R's measured step rate is r (1 + R)."""
 import os
 import sys
 from pathlib import Path
@@ -20,6 +20,8 @@ if __name__ == "__main__":
                 masks.append(out == 0)
             return out
         torch.nn.Dropout.forward = recording
+    if os.environ.get("FAKE_STEP_RATE"):  # --max-minutes: each rank "measures" its own rate, as real ranks may
+        train.measure_rate = lambda *a, **k: float(os.environ["FAKE_STEP_RATE"]) * (1 + int(os.environ["RANK"]))
     model, ema, state = train.run(train.build_parser().parse_args(sys.argv[2:]))
     rank = train.world()[0]
     torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "history": state["history"],

@@ -112,3 +112,13 @@ def test_the_ranks_share_one_timestep_history_for_loss_vlb(cli, tmp_path):
     assert torch.equal(two["timestep_history"]["counts"], one["timestep_history"]["counts"])
     torch.testing.assert_close(two["timestep_history"]["losses"], one["timestep_history"]["losses"], rtol=1e-4, atol=0)
     torch.testing.assert_close([v for *_, v in two["history"]], [v for *_, v in one["history"]], rtol=1e-4, atol=0)
+
+
+def test_ranks_that_measure_different_rates_plan_one_length(cli, tmp_path):
+    """--max-minutes: every rank times its own steps; all must train the same planned steps, the shortest
+    plan (here rank 0's 0.02 steps/s over 10 minutes: 11 steps; rank 1 measured twice that)."""
+    _, (rank0, rank1) = torchrun(cli, tmp_path / "ddp", "--max-steps", "0", "--max-minutes", "10", "--batch-size", "8",
+                                 "--checkpoint-dir", tmp_path / "ddp", env={"FAKE_STEP_RATE": "0.02"})
+    ckpt = load_checkpoint(tmp_path / "ddp")
+    assert ckpt["step"] == ckpt["config"]["train"]["steps"] in (10, 11)  # 97% of 0.02 x (600 s less the start-up)
+    assert len(rank0["history"]) == len(rank1["history"]) == ckpt["step"]

@@ -11,6 +11,7 @@ import evaluate
 import sample
 import train
 from checkpoint import build_model, load_checkpoint
+from config import TrainConfig
 from diffusion import HYBRID_LAMBDA, Diffusion, DiffusionConfig, TimestepSampler
 from samplers import sample_ddpm
 from unet import UNet
@@ -154,13 +155,13 @@ def test_resume_with_loss_vlb_is_bitwise_the_unbroken_run(tmp_path, tiny_config,
     images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
     cfg = dict(epochs=10, batch_size=16, lr=1e-3, warmup_steps=2, log_every=5, checkpoint_every=1000)
     learned, vlb = replace(tiny_config, learned_variance=True), DiffusionConfig(20, variance="learned", loss="vlb")
-    run = lambda name, **kw: tiny_run(tmp_path / name, learned, train.TrainConfig(**cfg, **kw), images,
+    run = lambda name, **kw: tiny_run(tmp_path / name, learned, TrainConfig(**cfg, **kw), images,
                                       diffusion_cfg=vlb)
     straight, straight_ema, s1 = run("a")
     run("b", max_steps=25)
     stopped = load_checkpoint(tmp_path / "b")["timestep_history"]
     assert (stopped["counts"] == 10).all()  # by step 25 importance sampling has begun: resume must carry it
-    resumed, resumed_ema, s2 = tiny_run(tmp_path / "b", learned, train.TrainConfig(**cfg), images, diffusion_cfg=vlb,
+    resumed, resumed_ema, s2 = tiny_run(tmp_path / "b", learned, TrainConfig(**cfg), images, diffusion_cfg=vlb,
                                         resume=tmp_path / "b")
     assert s1["step"] == s2["step"] == 40 and s1["history"] == s2["history"]
     for model_a, model_b in ((straight, resumed), (straight_ema, resumed_ema)):
@@ -178,7 +179,7 @@ def test_training_weighs_each_example_by_its_importance_weight(tmp_path, tiny_co
     seen = []
     hook = lambda loss: lambda *a: (lambda out: seen.append(out.detach()) or out)(loss(*a))
     learned = replace(tiny_config, learned_variance=True)
-    _, _, state = tiny_run(tmp_path, learned, train.TrainConfig(epochs=1, batch_size=4, max_steps=1), loss_hook=hook,
+    _, _, state = tiny_run(tmp_path, learned, TrainConfig(epochs=1, batch_size=4, max_steps=1), loss_hook=hook,
                            diffusion_cfg=DiffusionConfig(20, variance="learned", loss="vlb"))
     assert_close(state["history"][0][2], (seen[0] * weights).mean().item())
     assert not torch.allclose(seen[0].mean(), (seen[0] * weights).mean())
@@ -201,7 +202,7 @@ def test_a_version_2_checkpoint_reads_as_fixed_small_and_resumes(good_checkpoint
     assert upgraded["config"] == config and upgraded["timestep_history"] is None
     model, d = build_model(upgraded)
     assert d.config.variance == "fixed_small" and model.out[-1].out_channels == 1
-    cfg = train.TrainConfig(**{**upgraded["config"]["train"], "epochs": 2})
+    cfg = TrainConfig(**{**upgraded["config"]["train"], "epochs": 2})
     assert tiny_run(tmp_path, tiny_config, cfg, resume=tmp_path)[2]["step"] == 8
 
 

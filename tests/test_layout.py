@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = {"unet", "diffusion", "samplers", "data", "checkpoint", "cli", "figures"}
+LIBRARY = {"unet", "diffusion", "samplers", "data", "checkpoint", "cli", "figures", "config"}
 SCRIPTS = {"train", "sample", "evaluate", "bench"}
-JOBS = {"sample": {"generate", "draw_pictures"}, "train": {"train", "setup", "TrainConfig", "PRESETS"}}
+JOBS = {"sample": {"generate", "draw_pictures"}, "train": {"train", "setup", "measure_rate"}}
 
 
 def taken(source, module):
@@ -72,20 +72,22 @@ LAYOUTS = {2: {
 LAYOUTS[3] = {**LAYOUTS[2], "keys": sorted(LAYOUTS[2]["keys"] + ["timestep_history"]),
               "UNetConfig": sorted(LAYOUTS[2]["UNetConfig"] + ["learned_variance"]),
               "DiffusionConfig": sorted(LAYOUTS[2]["DiffusionConfig"] + ["loss", "variance"])}
+LAYOUTS[4] = {**LAYOUTS[3], "TrainConfig": sorted(LAYOUTS[3]["TrainConfig"] + ["ema_power", "lr_schedule",
+                                                                            "memory_format", "steps"])}
 
 
 def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):
     from dataclasses import fields
 
     import checkpoint
-    import train
+    from config import TrainConfig
     from diffusion import DiffusionConfig
     from unet import UNetConfig
 
     ckpt = checkpoint.load_checkpoint(good_checkpoint)
     now = {"keys": sorted(ckpt), "UNetConfig": sorted(f.name for f in fields(UNetConfig)),
            "DiffusionConfig": sorted(f.name for f in fields(DiffusionConfig)),
-           "TrainConfig": sorted(train.TrainConfig().recipe())}
+           "TrainConfig": sorted(TrainConfig().recipe())}
     assert now == LAYOUTS[checkpoint.VERSION], "bump checkpoint.VERSION, upgrade the old version, record it here"
 
 

@@ -11,6 +11,7 @@ import sample
 import train
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from cli import Diverged, WriteError
+from config import TrainConfig
 from conftest import leftovers, wait_for
 
 GARBAGE = random.Random(0).randbytes(4096)  # fixed, so every run tries the same bytes
@@ -127,7 +128,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
             return value * float("nan") if len(calls) >= 6 else value
         return hooked
 
-    cfg = train.TrainConfig(epochs=1, batch_size=2, checkpoint_every=2, log_every=1)
+    cfg = TrainConfig(epochs=1, batch_size=2, checkpoint_every=2, log_every=1)
     with pytest.raises(Diverged, match="nan at step 6"):
         tiny_run(tmp_path, tiny_config, cfg, loss_hook=poison_from_step_6)
     ckpt = load_checkpoint(tmp_path)

@@ -9,7 +9,8 @@ import train
 from diffusion import Diffusion, DiffusionConfig
 from checkpoint import FORMAT, VERSION, build_model, load_checkpoint, save_checkpoint
 from cli import UserError
-from unet import UNet
+from config import PER_COMMAND, PRESETS, TrainConfig, resolve_configs
+from unet import UNet, UNetConfig
 
 
 # ---------------------------------------------------------------------------- data
@@ -88,9 +89,10 @@ def test_tiny_model_overfits_a_fixed_batch(tiny_config):
     assert losses[-1] < losses[0] / 20
 
 
-def test_ema_follows_its_formula(tiny_config):
+@pytest.mark.parametrize("power", [8.0, 2.0])
+def test_ema_follows_its_formula(tiny_config, power):
     model = UNet(tiny_config)
-    ema = train.ema_of(model, decay=0.9)
+    ema = train.EMA(model, decay=0.9, power=power)
     expected = [p.detach().clone() for p in model.parameters()]
     for n in range(1, 30):
         with torch.no_grad():
@@ -100,7 +102,7 @@ def test_ema_follows_its_formula(tiny_config):
         if n == 1:  # the first update copies the weights
             expected = [p.detach().clone() for p in model.parameters()]
         else:
-            d = min(0.9, n / (n + 9))  # n - 1 updates averaged before this one
+            d = min(0.9, n / (n + power + 1))  # n - 1 updates averaged before this one
             expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
     for e, p in zip(expected, ema.module.parameters()):
         torch.testing.assert_close(p, e)
@@ -117,7 +119,7 @@ def test_gradient_clipping_limits_the_norm_adam_sees(tmp_path, tiny_config, tiny
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    tiny_run(tmp_path, tiny_config, train.TrainConfig(epochs=1, batch_size=8, grad_clip=grad_clip))
+    tiny_run(tmp_path, tiny_config, TrainConfig(epochs=1, batch_size=8, grad_clip=grad_clip))
     assert len(seen) == 4
     if grad_clip:
         assert max(seen) <= grad_clip * 1.0001
@@ -130,11 +132,11 @@ def test_gradient_clipping_limits_the_norm_adam_sees(tmp_path, tiny_config, tiny
 def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config, tiny_run):
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     cfg = dict(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, log_every=2, checkpoint_every=100)
-    straight, straight_ema, s1 = tiny_run(tmp_path / "a", tiny_config, train.TrainConfig(**cfg), images)
+    straight, straight_ema, s1 = tiny_run(tmp_path / "a", tiny_config, TrainConfig(**cfg), images)
     # Stop mid-epoch (step 7 of 15, epoch 1 has steps 5-9), then resume in a fresh model.
-    tiny_run(tmp_path / "b", tiny_config, train.TrainConfig(**cfg, max_steps=7), images)
+    tiny_run(tmp_path / "b", tiny_config, TrainConfig(**cfg, max_steps=7), images)
     assert load_checkpoint(tmp_path / "b")["step"] == 7
-    resumed, resumed_ema, s2 = tiny_run(tmp_path / "b", tiny_config, train.TrainConfig(**cfg), images, resume=tmp_path / "b")
+    resumed, resumed_ema, s2 = tiny_run(tmp_path / "b", tiny_config, TrainConfig(**cfg), images, resume=tmp_path / "b")
     assert s1["step"] == s2["step"] == 15
     for model_a, model_b in ((straight, resumed), (straight_ema, resumed_ema)):
         for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
@@ -144,7 +146,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config, tiny_run):
 
 def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_run):
     images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
-    model, ema, _ = tiny_run(tmp_path, tiny_config, train.TrainConfig(epochs=1, batch_size=8, warmup_steps=1), images)
+    model, ema, _ = tiny_run(tmp_path, tiny_config, TrainConfig(epochs=1, batch_size=8, warmup_steps=1), images)
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["step"] == 2 and ckpt["epoch"] == 0 and ckpt["ema_updates"] == 2
     for source, use_ema in ((model, False), (ema.module, True)):
@@ -173,31 +175,31 @@ def parse(*argv):
 
 
 def test_preset_fills_what_flags_leave_out():
-    model, diff, cfg, note = train.resolve_configs(parse("--preset", "gpu", "--width", "32", "--lr", "1e-3"),
+    model, diff, cfg, note = resolve_configs(parse("--preset", "gpu", "--width", "32", "--lr", "1e-3"),
                                                    torch.device("cpu"))
     assert model.width == 32 and cfg.lr == 1e-3
-    assert model.num_res_blocks == train.PRESETS["gpu"]["num_res_blocks"]
-    assert cfg.epochs == train.PRESETS["gpu"]["epochs"] and "preset gpu" in note
-    _, _, _, note = train.resolve_configs(parse(), torch.device("cpu"))
+    assert model.num_res_blocks == PRESETS["gpu"]["num_res_blocks"]
+    assert cfg.epochs == PRESETS["gpu"]["epochs"] and "preset gpu" in note
+    _, _, _, note = resolve_configs(parse(), torch.device("cpu"))
     assert "preset cpu" in note and "auto" in note
 
 
 def test_resume_keeps_the_saved_model_and_refuses_a_different_one():
-    saved = {"model": train.UNetConfig(width=16).to_dict(), "diffusion": DiffusionConfig(200).to_dict(),
-             "train": vars(train.TrainConfig(epochs=5))}
-    model, diff, cfg, _ = train.resolve_configs(parse("--resume", "x", "--epochs", "9"), torch.device("cpu"), saved)
+    saved = {"model": UNetConfig(width=16).to_dict(), "diffusion": DiffusionConfig(200).to_dict(),
+             "train": vars(TrainConfig(epochs=5))}
+    model, diff, cfg, _ = resolve_configs(parse("--resume", "x", "--epochs", "9"), torch.device("cpu"), saved)
     assert model.width == 16 and diff.timesteps == 200 and cfg.epochs == 9
     with pytest.raises(UserError, match="--width 32 \\(checkpoint: 16\\)"):
-        train.resolve_configs(parse("--resume", "x", "--width", "32"), torch.device("cpu"), saved)
+        resolve_configs(parse("--resume", "x", "--width", "32"), torch.device("cpu"), saved)
 
 
 def test_a_resumed_run_takes_no_limit_or_switch_of_the_command_before(tiny_config):
-    recipe = train.TrainConfig(max_steps=3, max_minutes=5.0, compile=True, epochs=5).recipe()
-    assert not set(train.PER_COMMAND) & set(recipe)
+    recipe = TrainConfig(max_steps=3, max_minutes=5.0, compile=True, epochs=5).recipe()
+    assert not set(PER_COMMAND) & set(recipe)
     saved = {"model": tiny_config.to_dict(), "diffusion": DiffusionConfig(20).to_dict(), "train": recipe}
-    _, _, cfg, _ = train.resolve_configs(parse("--resume", "x"), torch.device("cpu"), saved)
+    _, _, cfg, _ = resolve_configs(parse("--resume", "x"), torch.device("cpu"), saved)
     assert (cfg.max_steps, cfg.max_minutes, cfg.compile, cfg.epochs) == (0, 0.0, False, 5)
-    _, _, cfg, _ = train.resolve_configs(parse("--resume", "x", "--compile"), torch.device("cpu"), saved)
+    _, _, cfg, _ = resolve_configs(parse("--resume", "x", "--compile"), torch.device("cpu"), saved)
     assert cfg.compile
     assert parse("--no-compile").compile is False  # a switch that can be turned off, too
 
@@ -208,10 +210,10 @@ def test_a_resumed_run_takes_no_limit_or_switch_of_the_command_before(tiny_confi
     (["--preset", "cpu"], "--preset does not apply with --resume"),
 ])
 def test_resume_refuses_to_change_what_the_data_order_depends_on(flags, message):
-    saved = {"model": train.UNetConfig(width=16).to_dict(), "diffusion": DiffusionConfig(200).to_dict(),
-             "train": train.TrainConfig(batch_size=64).recipe()}
+    saved = {"model": UNetConfig(width=16).to_dict(), "diffusion": DiffusionConfig(200).to_dict(),
+             "train": TrainConfig(batch_size=64).recipe()}
     with pytest.raises(UserError, match=message.replace("(", "\\(").replace(")", "\\)")):
-        train.resolve_configs(parse("--resume", "x", *flags), torch.device("cpu"), saved)
+        resolve_configs(parse("--resume", "x", *flags), torch.device("cpu"), saved)
 
 
 def version_1(ckpt):
@@ -239,7 +241,7 @@ def test_older_checkpoints_load_and_newer_ones_say_so(good_checkpoint, tmp_path,
     sample.main(["--checkpoint", str(tmp_path / "v1.pt"), "--output-dir", str(tmp_path / "out"), "--n", "2",
                  "--steps", "2"])
     assert (tmp_path / "out" / "samples.png").is_file()
-    model_cfg, _, cfg, _ = train.resolve_configs(parse("--resume", "x"), torch.device("cpu"), upgraded["config"])
+    model_cfg, _, cfg, _ = resolve_configs(parse("--resume", "x"), torch.device("cpu"), upgraded["config"])
     assert model_cfg.width == 8 and cfg.max_steps == 0 and not cfg.compile  # was a KeyError
 
     torch.save({**ckpt, "version": None}, tmp_path / "none.pt")  # ours, but no version: damaged, not newer
@@ -258,7 +260,7 @@ def test_the_images_per_second_count_every_step_and_no_save(tmp_path, tiny_confi
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (clock.__setitem__(0, clock[0] + 1),
                                                                           step(self, *a, **k))[1])
     monkeypatch.setattr(train.time, "time", lambda: clock[0])
-    cfg = train.TrainConfig(epochs=3, batch_size=4, log_every=4, checkpoint_every=3)
+    cfg = TrainConfig(epochs=3, batch_size=4, log_every=4, checkpoint_every=3)
     tiny_run(tmp_path, tiny_config, cfg)  # 32 images: 24 steps
     rates = [line.split(", ")[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert rates == ["4 img/s"] * 6

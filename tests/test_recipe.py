@@ -1,0 +1,191 @@
+"""The training recipe's levers: learning-rate decay, the EMA's length, a planned length in steps,
+--max-minutes's plan, and the precision and memory format chosen for the device."""
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from cli import UserError, fastest_settings
+from config import TrainConfig, resolve_configs
+from diffusion import DiffusionConfig
+from unet import UNetConfig
+
+CPU = torch.device("cpu")
+parse = lambda *argv: train.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_the_learning_rate_warms_up_then_decays_to_zero_at_the_planned_end(schedule):
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule=schedule)
+    lrs = [train.lr_at(s, cfg, 110) for s in range(110)]
+    assert lrs[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])  # every schedule warms up alike
+    assert lrs[10] == 1e-3
+    after = lrs[10:]
+    if schedule == "constant":
+        assert set(after) == {1e-3}
+    else:
+        assert all(a > b for a, b in zip(after, after[1:]))
+        assert lrs[60] == pytest.approx(5e-4)  # half way through the decay: cos(pi/2) and the line agree
+        last = 1 / 100 if schedule == "linear" else (1 + math.cos(math.pi * 99 / 100)) / 2  # 99 of 100 decay steps
+        assert lrs[109] == pytest.approx(1e-3 * last)
+        assert train.lr_at(110, cfg, 110) == pytest.approx(0, abs=1e-18)
+
+
+def test_the_optimizer_steps_with_the_schedule_and_max_steps_does_not_change_it(tmp_path, tiny_config, tiny_run,
+                                                                               monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: seen.append(self.param_groups[0]["lr"])
+                        or step(self, *a, **k))
+    cfg = TrainConfig(steps=12, batch_size=8, warmup_steps=2, lr_schedule="cosine", max_steps=5)
+    tiny_run(tmp_path, tiny_config, cfg)
+    assert seen == [train.lr_at(s, cfg, 12) for s in range(5)]  # planned over 12 steps, though it stops at 5
+
+
+def test_a_run_of_steps_resumes_exactly_with_every_new_setting(tmp_path, tiny_config, tiny_run):
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    cfg = dict(steps=13, batch_size=8, warmup_steps=2, lr_schedule="cosine", ema_power=3.0, log_every=2,
+               memory_format="channels_last", checkpoint_every=100)
+    straight, straight_ema, s1 = tiny_run(tmp_path / "a", tiny_config, TrainConfig(**cfg), images)
+    tiny_run(tmp_path / "b", tiny_config, TrainConfig(**cfg, max_steps=7), images)
+    saved = load_checkpoint(tmp_path / "b")
+    assert saved["config"]["train"]["steps"] == 13 and saved["config"]["train"]["memory_format"] == "channels_last"
+    resumed, resumed_ema, s2 = tiny_run(tmp_path / "b", tiny_config, TrainConfig(**cfg), images, resume=tmp_path / "b")
+    assert s1["step"] == s2["step"] == 13  # 13 steps: past the end of epoch 2 (5 steps each), into epoch 3
+    for a, b in ((straight, resumed), (straight_ema, resumed_ema)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    assert s1["history"] == s2["history"]
+
+
+def test_channels_last_trains_the_same_model(tmp_path, tiny_config, tiny_run):
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    runs = {}
+    for fmt in ("contiguous", "channels_last"):
+        model, _, state = tiny_run(tmp_path / fmt, tiny_config, TrainConfig(steps=2, batch_size=8, memory_format=fmt),
+                                   images)
+        runs[fmt] = model, state
+    conv = next(p for p in runs["channels_last"][0].parameters() if p.dim() == 4 and p.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    torch.testing.assert_close([v for *_, v in runs["channels_last"][1]["history"]],
+                               [v for *_, v in runs["contiguous"][1]["history"]])  # same arithmetic, reordered
+    for a, b in zip(runs["contiguous"][0].parameters(), runs["channels_last"][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_max_minutes_plans_the_steps_from_the_measured_rate(tiny_config, monkeypatch):
+    built = train.setup(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    monkeypatch.setattr(train, "measure_rate", lambda *a, **k: 10.0)  # steps per second
+    in_a_minute = lambda: train.time.time() + 60
+    cfg, rate = train.plan(TrainConfig(epochs=1000, batch_size=8), built, images, None, CPU, in_a_minute(), 4)
+    assert rate == 10 and 570 <= cfg.steps <= 582  # 97% of 600 steps, less the moments the test took
+    cfg, _ = train.plan(TrainConfig(epochs=2, batch_size=8), built, images, None, CPU, in_a_minute(), 4)
+    assert cfg.steps == 8  # the run's own end comes first
+    built[-1]["step"] = 100  # a resumed run plans the rest from where it is
+    cfg, _ = train.plan(TrainConfig(steps=1000, batch_size=8), built, images, None, CPU, in_a_minute(), 4)
+    assert 670 <= cfg.steps <= 682
+
+
+def test_measuring_the_rate_leaves_the_run_as_it_would_have_been(tiny_config):
+    cfg = TrainConfig(steps=6, batch_size=8, log_every=2)
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    models = []
+    for measure in (False, True):
+        model, ema, diffusion, optimizer, state = built = train.setup(tiny_config, DiffusionConfig(20), cfg, CPU)
+        if measure:  # between setting the run up and training it, as train.py's --max-minutes does
+            _, rate = train.plan(cfg, built, images, None, CPU, train.time.time() + 60, 4)
+            assert 0 < rate < math.inf
+        train.train(model, ema, diffusion, optimizer, images, cfg, CPU, state, lambda: None)
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+
+
+def test_a_run_too_short_to_time_keeps_its_own_length(tiny_config):
+    built = train.setup(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    cfg, rate = train.plan(TrainConfig(steps=3, batch_size=8), built, images, None, CPU, train.time.time() + 60, 4)
+    assert rate == math.inf and cfg.steps == 3  # all 3 steps are measure_rate's warm-up: no rate, no plan
+
+
+def test_the_deadline_stops_the_loop_with_a_checkpoint(tmp_path, tiny_config):
+    model, ema, diffusion, optimizer, state = train.setup(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8),
+                                                          CPU)
+    saves = []
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    stopped = train.train(model, ema, diffusion, optimizer, images, TrainConfig(steps=50, batch_size=8), CPU, state,
+                          lambda: saves.append(state["step"]), deadline=train.time.time())
+    assert stopped == "--max-minutes" and state["step"] == 1 and saves == [1]
+
+
+def test_max_minutes_plans_a_new_run_that_a_resume_continues(cli, monkeypatch, capsys):
+    monkeypatch.setattr(train, "measure_rate", lambda *a, **k: 0.05)  # steps/s: 10 minutes afford about 29 steps
+    flags = lambda *f: cli.command("train.py", *f, "--sample-n", "0")[2:]
+    train.main(flags("--max-minutes", "10", "--epochs", "3"))  # 3 epochs of 256 // 16 steps: 48
+    assert "run ends at step" in capsys.readouterr().out
+    ckpt = load_checkpoint(cli.ckpt)
+    steps = ckpt["config"]["train"]["steps"]
+    assert 20 < steps < 30 and ckpt["step"] == steps  # the budget, not the 48 steps of 3 epochs, set its length
+    train.main(flags("--resume", cli.ckpt, "--steps", str(steps + 5), "--max-minutes", "10"))  # no new plan
+    ckpt = load_checkpoint(cli.ckpt)
+    assert ckpt["step"] == ckpt["config"]["train"]["steps"] == steps + 5
+    with pytest.raises(SystemExit):
+        train.main(flags("--resume", cli.ckpt, "--epochs", "9"))
+    assert "give --steps N" in capsys.readouterr().err
+
+
+def test_resuming_in_another_memory_format_gives_adam_state_in_the_new_one(tmp_path, tiny_config, tiny_run):
+    tiny_run(tmp_path, tiny_config, TrainConfig(steps=2, batch_size=8))
+    ckpt = load_checkpoint(tmp_path)
+    _, _, _, optimizer, _ = train.setup(tiny_config, DiffusionConfig(20),
+                                        TrainConfig(batch_size=8, memory_format="channels_last"), CPU, ckpt)
+    for p, kept in optimizer.state.items():
+        for v in (kept["exp_avg"], kept["exp_avg_sq"]):
+            assert v.stride() == p.stride()  # as fused Adam on a GPU requires
+    assert any(p.dim() == 4 and p.shape[1] > 1 for p in optimizer.state)  # some strides did change
+
+
+@pytest.mark.parametrize("has_bf16, precision", [(True, "bf16"), (False, "fp32")])
+def test_auto_picks_bf16_where_the_cpu_has_it_and_stores_the_choice(monkeypatch, has_bf16, precision):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    _, _, cfg, _ = resolve_configs(parse("--precision", "auto", "--memory-format", "auto"), CPU)
+    assert (cfg.precision, cfg.memory_format) == (precision, "channels_last")
+    assert fastest_settings(torch.device("cuda")) == {"precision": "fp32", "memory_format": "contiguous"}
+    _, _, cfg, _ = resolve_configs(parse("--precision", "fp32"), CPU)
+    assert (cfg.precision, cfg.memory_format) == ("fp32", "contiguous")  # the defaults, until measured otherwise
+
+
+def test_length_flags_that_would_be_ignored_are_refused(fails, tmp_path):
+    import train as script
+    err = fails(script, ["--steps", "10", "--epochs", "2", "--checkpoint-dir", tmp_path])
+    assert "--steps and --epochs" in err
+    saved = {"model": UNetConfig(width=16).to_dict(), "diffusion": DiffusionConfig(200).to_dict(),
+             "train": TrainConfig(steps=500).recipe()}
+    with pytest.raises(UserError, match="this run is 500 steps long"):
+        resolve_configs(parse("--resume", "x", "--epochs", "9"), CPU, saved)
+    _, _, cfg, _ = resolve_configs(parse("--resume", "x", "--steps", "900"), CPU, saved)
+    assert cfg.steps == 900
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):  # resolve_configs resolves "auto"
+        TrainConfig(precision="auto")
+
+
+def test_a_decay_that_would_never_start_is_refused(cli, fails):
+    err = fails(train, cli.command("train.py", "--lr-schedule", "cosine", "--steps", "100", "--warmup-steps", "100")[2:])
+    assert "fills the run's 100 steps" in err and not (cli.ckpt / "ckpt.pt").exists()
+
+
+def test_a_version_3_checkpoint_resumes_with_the_recipe_it_was_trained_with(good_checkpoint):
+    import checkpoint
+    ckpt = load_checkpoint(good_checkpoint)
+    new = ("steps", "lr_schedule", "ema_power", "memory_format")
+    v3 = {**ckpt, "version": 3, "config": {**ckpt["config"], "train": {
+        k: v for k, v in ckpt["config"]["train"].items() if k not in new}}}
+    upgraded = checkpoint._upgrade(v3, good_checkpoint)
+    assert upgraded["config"]["train"] == {**v3["config"]["train"], "steps": 0, "lr_schedule": "constant",
+                                           "ema_power": 8.0, "memory_format": "contiguous"}
+    assert replace(TrainConfig(), **upgraded["config"]["train"]) == TrainConfig(**ckpt["config"]["train"])
