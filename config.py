@@ -92,8 +92,8 @@ def resolve_configs(args, device, saved=None):
         note = f"preset {preset} ({why}; --preset cpu|gpu or any single flag changes it)"
     merged = {**base, **given}
     merged["learned_variance"] = merged["variance"] == "learned"  # the network's extra output channels
-    for key, value in fastest_settings(device).items():  # "auto": this device's fastest; stored as what it chose
-        merged[key] = value if merged[key] == "auto" else merged[key]
+    for key, value in fastest_settings(device, merged["precision"]).items():  # "auto": this device's fastest,
+        merged[key] = value if merged[key] == "auto" else merged[key]           # stored as what it chose
     pick = lambda cls: cls(**{f.name: merged[f.name] for f in fields(cls)})
     try:
         return pick(UNetConfig), pick(DiffusionConfig), pick(TrainConfig), note

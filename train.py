@@ -270,8 +270,8 @@ def build_parser():
                                           "stop after them (0: no limit); this command only")
     a("--precision", choices=PRECISIONS, help="fp32 (TF32 on CUDA), bf16 autocast, or auto: bf16 on a CPU with bf16 "
                                               "instructions, else fp32 (fp32)")
-    a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: channels_last on a CPU "
-                                                      "(contiguous)")
+    a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: channels_last on a CPU in "
+                                                      "fp32, else contiguous (contiguous)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile for training (off); this command only")
     a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
     return p
