@@ -233,12 +233,12 @@ def build_parser():
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
     a("--preset", choices=["auto", "cpu", "gpu"], help="defaults for model and schedule (auto: gpu on CUDA, else cpu)")
-    a("--epochs", type=int, help="passes over the 60k training images (preset)")
-    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs (0: use --epochs)")
+    a("--epochs", type=int, help="passes over the 60k training images, instead of --steps (gpu preset: 40)")
+    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs (cpu preset: 5500)")
     a("--batch-size", type=int, help="images per step and process (preset); fixed for a run")
     a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
-    a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: constant, or decay to 0 at the last step (constant)")
+    a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: constant, or decay to 0 at the last step (preset)")
     a("--timesteps", type=int, help="diffusion steps T (1000)")
     a("--schedule", choices=SCHEDULES, help="beta schedule (linear)")
     a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v (Salimans & Ho 2022) (eps)")
@@ -269,9 +269,9 @@ def build_parser():
                                           "its learning-rate schedule end within this many minutes; a resumed run: "
                                           "stop after them (0: no limit); this command only")
     a("--precision", choices=PRECISIONS, help="fp32 (TF32 on CUDA), bf16 autocast, or auto: bf16 on a CPU with bf16 "
-                                              "instructions, else fp32 (fp32)")
+                                              "instructions, else fp32 (preset: auto)")
     a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: channels_last on a CPU in "
-                                                      "fp32, else contiguous (contiguous)")
+                                                      "fp32, else contiguous (preset: auto)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile for training (off); this command only")
     a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
     return p

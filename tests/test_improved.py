@@ -213,7 +213,10 @@ def test_guidance_steers_the_prediction_and_keeps_the_conditional_variance(tiny_
         out = sample.guided(model, labels, 2.0)(x, t)
         cond, uncond = model(x, t, labels), model(x, t)
     assert_close(out[:, :1], 3 * cond[:, :1] - 2 * uncond[:, :1])
-    assert torch.equal(out[:, 1:], cond[:, 1:])
+    # guided() runs both in one doubled batch: equal to the separate calls up to the rounding of another
+    # batch size (bitwise on the Intel Xeon, not on the AMD EPYC), and far from the unconditional variance.
+    assert_close(out[:, 1:], cond[:, 1:])
+    assert (cond[:, 1:] - uncond[:, 1:]).abs().max() > 1e-2
 
 
 @pytest.mark.slow

@@ -159,8 +159,32 @@ def test_auto_picks_bf16_where_the_cpu_has_it_and_stores_the_choice(monkeypatch,
     _, _, cfg, _ = resolve_configs(parse("--precision", "fp32", "--memory-format", "auto"), CPU)
     assert cfg.memory_format == "channels_last"  # the format follows the precision given
     assert fastest_settings(torch.device("cuda")) == {"precision": "fp32", "memory_format": "contiguous"}
-    _, _, cfg, _ = resolve_configs(parse("--precision", "fp32"), CPU)
-    assert (cfg.precision, cfg.memory_format) == ("fp32", "contiguous")  # the defaults, until measured otherwise
+    _, _, cfg, _ = resolve_configs(parse(), CPU)
+    assert (cfg.precision, cfg.memory_format) == (precision, fmt)  # what both presets ask for
+    _, _, cfg, _ = resolve_configs(parse("--precision", "fp32", "--memory-format", "contiguous"), CPU)
+    assert (cfg.precision, cfg.memory_format) == ("fp32", "contiguous")
+
+
+def test_the_cpu_preset_is_the_measured_recipe_and_epochs_replace_its_steps():
+    _, _, cfg, _ = resolve_configs(parse("--preset", "cpu"), CPU)
+    assert (cfg.steps, cfg.lr_schedule, cfg.batch_size, cfg.lr) == (5500, "cosine", 64, 1e-3)
+    assert cfg.total_steps(937) == 5500 and cfg.warmup_steps < 5500
+    _, _, cfg, _ = resolve_configs(parse("--preset", "cpu", "--epochs", "3"), CPU)
+    assert cfg.steps == 0 and cfg.total_steps(937) == 3 * 937  # the flag given decides the length, not the preset
+    _, _, cfg, _ = resolve_configs(parse("--preset", "gpu"), CPU)
+    assert cfg.steps == 0 and cfg.total_steps(468) == 40 * 468
+
+
+def test_the_same_seed_and_flags_give_the_same_weights_in_bf16(tmp_path, tiny_config, tiny_run):
+    """The default on a CPU with bf16 instructions: its runs must repeat bit for bit, as fp32's do."""
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=2, lr_schedule="cosine", precision="bf16")
+    (a, a_ema, _), (b, b_ema, _) = (tiny_run(tmp_path / d, tiny_config, cfg, images) for d in "ab")
+    for one, two in ((a, b), (a_ema, b_ema)):
+        for (name, x), y in zip(one.state_dict().items(), two.state_dict().values()):
+            assert torch.equal(x, y), name
+    c, _, _ = tiny_run(tmp_path / "c", tiny_config, replace(cfg, seed=1), images)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))  # the seed does reach the weights
 
 
 def test_length_flags_that_would_be_ignored_are_refused(fails, tmp_path):
