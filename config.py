@@ -84,7 +84,8 @@ def resolve_configs(args, device, saved=None):
         check(not clash, "--resume continues a run with its model, batch size and seed; drop or change "
               + ", ".join("%s (checkpoint: %s)" % flag(k) for k in clash) + ", or start a new run elsewhere")
         check("epochs" not in given or not base["steps"] or "steps" in given, f"--epochs: this run is "
-              f"{base['steps']} steps long (--steps, or planned by --max-minutes); give --steps N to change it")
+              f"{base['steps']} steps long (--steps, the cpu preset, or --max-minutes's plan); give --steps N to "
+              f"change it")
         note = f"config from {args.resume}"
     else:
         preset = given.get("preset", "auto")

@@ -234,13 +234,13 @@ def build_parser():
     a = p.add_argument
     a("--preset", choices=["auto", "cpu", "gpu"], help="defaults for model and schedule (auto: gpu on CUDA, else cpu)")
     a("--epochs", type=int, help="passes over the 60k training images, instead of --steps (gpu preset: 40)")
-    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs (cpu preset: 5500)")
+    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs (cpu preset: 5500; 0: use --epochs)")
     a("--batch-size", type=int, help="images per step and process (preset); fixed for a run")
     a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
     a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: constant, or decay to 0 at the last step (preset)")
     a("--timesteps", type=int, help="diffusion steps T (1000)")
-    a("--schedule", choices=SCHEDULES, help="beta schedule (linear)")
+    a("--schedule", choices=SCHEDULES, help="beta schedule (cpu preset: cosine; gpu: linear)")
     a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v (Salimans & Ho 2022) (eps)")
     a("--min-snr-gamma", type=float, help="weight the loss by min(SNR, gamma) (Hang et al. 2023); 0: off (0)")
     a("--variance", choices=VARIANCES, help="reverse-process variance: beta~_t, beta_t, or learned (fixed_small)")
@@ -307,7 +307,7 @@ def run(args):
                   f"step {saved and saved['step']}, where this command would stop: give a larger {limit}")
             check(cfg.lr_schedule == "constant" or cfg.warmup_steps < planned, f"--lr-schedule {cfg.lr_schedule} "
                   f"decays after the warm-up, but --warmup-steps {cfg.warmup_steps} fills the run's {planned} steps: "
-                  f"give fewer warm-up steps or a longer run")
+                  f"give fewer --warmup-steps, a longer run or --lr-schedule constant")
             built = setup(model_cfg, diffusion_cfg, cfg, device, saved)  # a checkpoint that does not fit: refused
             if rank == 0:  # the last step before training: every check has passed
                 take_folder(ckpt_dir, args.resume, source, args.overwrite)
@@ -330,6 +330,9 @@ def fit(args, cfg, device, saved, note, images, labels, built, out, ckpt_dir):
             cfg, rate = plan(cfg, built, images, labels, device, deadline, steps_per_epoch)
         log(f"--max-minutes {cfg.max_minutes:g}: {rate * ranks * cfg.batch_size:.0f} img/s measured, so the run "
             f"ends at step {cfg.steps} (`--steps {cfg.steps}` without --max-minutes repeats it exactly)")
+        if cfg.lr_schedule != "constant" and cfg.steps <= cfg.warmup_steps:
+            log(f"warning: those {cfg.steps} steps are all warm-up, so the learning rate never decays; give more "
+                f"minutes, fewer --warmup-steps or --lr-schedule constant")
     total = cfg.total_steps(steps_per_epoch)
     log(f"{note}\ndevice {device}, U-Net {count_parameters(model) / 1e6:.2f}M parameters, {len(images)} images, "
         f"{total} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch})\neffective batch "

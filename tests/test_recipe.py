@@ -159,8 +159,9 @@ def test_auto_picks_bf16_where_the_cpu_has_it_and_stores_the_choice(monkeypatch,
     _, _, cfg, _ = resolve_configs(parse("--precision", "fp32", "--memory-format", "auto"), CPU)
     assert cfg.memory_format == "channels_last"  # the format follows the precision given
     assert fastest_settings(torch.device("cuda")) == {"precision": "fp32", "memory_format": "contiguous"}
-    _, _, cfg, _ = resolve_configs(parse(), CPU)
-    assert (cfg.precision, cfg.memory_format) == (precision, fmt)  # what both presets ask for
+    for preset in ("cpu", "gpu"):  # what both presets ask for, here on a CPU
+        _, _, cfg, _ = resolve_configs(parse("--preset", preset), CPU)
+        assert (cfg.precision, cfg.memory_format) == (precision, fmt)
     _, _, cfg, _ = resolve_configs(parse("--precision", "fp32", "--memory-format", "contiguous"), CPU)
     assert (cfg.precision, cfg.memory_format) == ("fp32", "contiguous")
 
@@ -174,6 +175,18 @@ def test_the_cpu_preset_is_the_measured_recipe_and_epochs_replace_its_steps():
     assert cfg.steps == 0 and cfg.total_steps(937) == 3 * 937  # the flag given decides the length, not the preset
     _, _, cfg, _ = resolve_configs(parse("--preset", "gpu"), CPU)
     assert cfg.steps == 0 and cfg.total_steps(468) == 40 * 468
+
+
+@pytest.mark.slow
+def test_the_preset_recipe_trains_from_the_command_line(cli):
+    """TINY_FLAGS pin the old recipe; here the cpu preset's own (cosine betas and decay, auto precision)."""
+    r = cli.run("train.py", "--schedule", "cosine", "--lr-schedule", "cosine", "--precision", "auto",
+                "--memory-format", "auto", "--steps", "6", "--warmup-steps", "2", "--sample-n", "2")
+    assert r.returncode == 0, r.stderr
+    saved = load_checkpoint(cli.ckpt)
+    assert saved["step"] == 6 and saved["config"]["diffusion"]["schedule"] == "cosine"
+    assert saved["config"]["train"]["precision"] == fastest_settings(CPU)["precision"]  # "auto", stored as chosen
+    assert (cli.out / "samples.png").stat().st_size > 0
 
 
 def test_the_same_seed_and_flags_give_the_same_weights_in_bf16(tmp_path, tiny_config, tiny_run):
@@ -205,6 +218,7 @@ def test_length_flags_that_would_be_ignored_are_refused(fails, tmp_path):
 def test_a_decay_that_would_never_start_is_refused(cli, fails):
     err = fails(train, cli.command("train.py", "--lr-schedule", "cosine", "--steps", "100", "--warmup-steps", "100")[2:])
     assert "fills the run's 100 steps" in err and not (cli.ckpt / "ckpt.pt").exists()
+    assert "--lr-schedule constant" in err  # the way out for a user who never chose the preset's cosine decay
 
 
 def test_a_version_3_checkpoint_resumes_with_the_recipe_it_was_trained_with(good_checkpoint):
