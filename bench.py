@@ -19,10 +19,10 @@ import data
 import train
 from checkpoint import atomic_write
 from cli import ArgumentParser, check, check_writable, default_batch_size, pick_device, run_command, tf32
-from config import PRESETS, TrainConfig
+from config import preset_configs
 from diffusion import Diffusion, DiffusionConfig
 from sample import generate
-from unet import UNet, UNetConfig
+from unet import UNet
 
 
 def matmul_peak(device, n=None, repeats=10):
@@ -115,11 +115,9 @@ def run(args):
     device = pick_device(args.device)
     args.sample_n = args.sample_n or default_batch_size(device)
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    values = PRESETS[preset]
-    model_cfg = UNetConfig(**{k: v for k, v in values.items() if k in UNetConfig.__dataclass_fields__})
-    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+    model_cfg, diffusion_cfg, cfg = preset_configs(preset, device)
     images = data.load_fashion_mnist(args.data_dir)[0].to(device)
-    model, diffusion = UNet(model_cfg), Diffusion(DiffusionConfig())
+    model, diffusion = UNet(model_cfg), Diffusion(diffusion_cfg)
     train_flops, sample_flops = flops_per_image(model, diffusion)
     peak = matmul_peak(device)
     print(f"{device} ({torch.get_num_threads()} threads), preset {preset}: {train_flops / 1e9:.2f} GFLOP per training "
@@ -150,8 +148,9 @@ def run(args):
         for name, options, extra in settings:
             warmup = args.warmup + (3 if options.get("compile") else 0)
             with tf32(extra.pop("tf32", False)):
-                rate = cfg.batch_size * train.measure_rate(model_cfg, DiffusionConfig(), replace(cfg, **options),
-                                                           images, device, steps=args.steps, warmup=warmup)
+                setting = replace(cfg, **{"memory_format": "contiguous", **options})  # each row names its own
+                rate = cfg.batch_size * train.measure_rate(model_cfg, diffusion_cfg, setting, images, device,
+                                                           steps=args.steps, warmup=warmup)
             report(name, rate, train_flops, plain)
 
     print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, default_batch_size(device))})")

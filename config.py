@@ -1,5 +1,6 @@
 """A training run's settings: TrainConfig, the presets, and how the command's flags, a preset and a
 resumed checkpoint combine into the model, diffusion and training configs."""
+import argparse
 from dataclasses import asdict, dataclass, fields
 
 from cli import UserError, check, fastest_settings
@@ -104,6 +105,11 @@ def resolve_configs(args, device, saved=None):
         return pick(UNetConfig), pick(DiffusionConfig), pick(TrainConfig), note
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
+
+
+def preset_configs(preset, device):
+    """The model, diffusion and training configs a preset runs with on `device`, "auto" resolved (bench.py's)."""
+    return resolve_configs(argparse.Namespace(preset=preset), device)[:3]
 
 
 def validate(args, model_cfg, cfg):

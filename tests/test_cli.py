@@ -114,6 +114,22 @@ def test_bench_flags_are_checked_like_every_other_command(fails, tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+@pytest.mark.slow
+def test_bench_measures_the_cpu_preset_as_it_trains(cli, tmp_path):
+    """One timed step per setting, on fake data: bench.py builds the preset's configs as train.py does ("auto" too)."""
+    import json
+
+    flags = ["--data-dir", cli.data, "--steps", "1", "--warmup", "1", "--skip", "compile", "ddpm1000", "--sample-n",
+             "2", "--json", tmp_path / "b.json"]
+    r = subprocess.run([sys.executable, cli.root / "bench.py", *flags], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "b.json").read_text())
+    training = [row for row in results["rows"] if not row["setting"].startswith("sample")]
+    assert results["preset"] == "cpu" and len(training) == 5  # plain, then fp32 and bf16, each with channels_last
+    assert all(row["images_per_s"] > 0 for row in results["rows"])
+
+
 @pytest.mark.parametrize("script", ["train", "sample", "evaluate", "bench"])
 def test_every_flag_has_help_and_the_help_renders(script):
     import importlib
