@@ -57,6 +57,10 @@ class TrainConfig:
         """What a checkpoint keeps of this config: all but the settings of one command (PER_COMMAND)."""
         return {k: v for k, v in asdict(self).items() if k not in PER_COMMAND}
 
+    def decays_within(self, steps):
+        """Whether a run of `steps` gets past its warm-up into the decay its lr_schedule asks for."""
+        return self.lr_schedule == "constant" or self.warmup_steps < steps
+
     def total_steps(self, steps_per_epoch):
         """The run's planned length in optimizer steps, where its learning-rate schedule ends."""
         return self.steps or self.epochs * steps_per_epoch

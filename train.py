@@ -305,7 +305,7 @@ def run(args):
             limit = "--max-steps" if 0 < cfg.max_steps < planned else "--steps" if cfg.steps else "--epochs"
             check(saved is None or saved["step"] < min(planned, cfg.max_steps or planned), f"--resume: the run is at "
                   f"step {saved and saved['step']}, where this command would stop: give a larger {limit}")
-            check(cfg.lr_schedule == "constant" or cfg.warmup_steps < planned, f"--lr-schedule {cfg.lr_schedule} "
+            check(cfg.decays_within(planned), f"--lr-schedule {cfg.lr_schedule} "
                   f"decays after the warm-up, but --warmup-steps {cfg.warmup_steps} fills the run's {planned} steps: "
                   f"give fewer --warmup-steps, a longer run or --lr-schedule constant")
             built = setup(model_cfg, diffusion_cfg, cfg, device, saved)  # a checkpoint that does not fit: refused
@@ -330,7 +330,7 @@ def fit(args, cfg, device, saved, note, images, labels, built, out, ckpt_dir):
             cfg, rate = plan(cfg, built, images, labels, device, deadline, steps_per_epoch)
         log(f"--max-minutes {cfg.max_minutes:g}: {rate * ranks * cfg.batch_size:.0f} img/s measured, so the run "
             f"ends at step {cfg.steps} (`--steps {cfg.steps}` without --max-minutes repeats it exactly)")
-        if cfg.lr_schedule != "constant" and cfg.steps <= cfg.warmup_steps:
+        if not cfg.decays_within(cfg.steps):
             log(f"warning: those {cfg.steps} steps are all warm-up, so the learning rate never decays; give more "
                 f"minutes, fewer --warmup-steps or --lr-schedule constant")
     total = cfg.total_steps(steps_per_epoch)
