@@ -22,10 +22,11 @@ except ImportError:  # Windows
     import msvcrt
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 4  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 5  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
+DISTILLED = ("steps", "round", "from_steps", "guidance", "source", "teacher")  # a distilled student's record
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 
@@ -74,17 +75,19 @@ def save_checkpoint(ckpt, folder):
     return atomic_save(ckpt, newest, previous=previous)
 
 
-def make_checkpoint(model, ema, diffusion, optimizer, train_config, state, world_size):
+def make_checkpoint(model, ema, diffusion, optimizer, train_config, state, world_size, distillation=None):
     """Everything needed to rebuild the model (configs as plain types) and to resume exactly.
 
-    Random draws need no saved state: train.py derives each step's from (seed, step, rank).
+    Random draws need no saved state: train.py derives each step's from (seed, step, rank). distillation:
+    a distilled student's record (distill.py): its step count, its round, and its teacher, weights included.
     """
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
             "step": state["step"], "epoch": state["epoch"], "history": state["history"],
             "timestep_history": state["timesteps"].state_dict() if state.get("timesteps") else None,  # loss vlb
             "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(), "train": train_config},
-            "world_size": world_size}  # data order and steps depend on the process count
+            "world_size": world_size,  # data order and steps depend on the process count
+            "distillation": distillation}
 
 
 # ---------------------------------------------------------------------------- reading
@@ -167,6 +170,11 @@ def _upgrade(ckpt, path):
         config = ckpt["config"]
         ckpt = {**ckpt, "version": 4, "config": {**config, "train": {
             "steps": 0, "lr_schedule": "constant", "ema_power": 8.0, "memory_format": "contiguous", **config["train"]}}}
+    if ckpt["version"] == 4:  # 5 added distilled students; every earlier checkpoint is a model trained as usual
+        ckpt = {**ckpt, "version": 5, "distillation": None}
+    distilled = ckpt.get("distillation")
+    if distilled is not None and not (isinstance(distilled, dict) and all(k in distilled for k in DISTILLED)):
+        raise Damaged(f"checkpoint {path} is damaged: its distillation record lacks some of {', '.join(DISTILLED)}")
     return ckpt
 
 
@@ -245,6 +253,16 @@ def build_model(ckpt, device="cpu", ema=True):
     return model.to(device).eval(), diffusion.to(device)
 
 
+def teacher_checkpoint(model, diffusion):
+    """A model's weights and configs as a distilled checkpoint keeps its teacher: build_teacher() reads it back."""
+    return {"config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict()},
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def build_teacher(ckpt, device="cpu"):
+    """The teacher a distilled checkpoint learned from, rebuilt from the copy it keeps: (model, diffusion)."""
+    teacher = ckpt["distillation"]["teacher"]
+    return build_model({"config": teacher["config"], "ema": teacher["weights"]}, device)
 
 
 # ---------------------------------------------------------------------------- the folder a run writes

@@ -215,8 +215,17 @@ def graceful_signals():
             signal.signal(s, h)
 
 
-def sampler_settings(sampler, timesteps, steps=None, eta=None):
-    """{sampler, steps, eta} for sample.generate(), with the sampler's defaults for what is None."""
+def sampler_settings(sampler, timesteps, steps=None, eta=None, distilled=None):
+    """{sampler, steps, eta[, spacing]} for sample.generate(), with the sampler's defaults for what is None.
+    distilled: a distilled checkpoint's record (distill.py), whose student samples only as it was distilled to."""
+    if distilled is not None:
+        n = distilled["steps"]
+        check(sampler is None and eta is None, f"this checkpoint is a student distilled to sample in {n} steps "
+                                               f"with its own sampler (ddim, eta 0, even grid): drop --sampler, --eta")
+        check(steps in (None, n), f"this student was distilled for {n} steps and cannot take {steps}: other counts lie "
+                                  f"off the grid it learned; drop --steps, or take the student for {steps} beside it")
+        return {"sampler": "ddim", "steps": n, "eta": 0.0, "spacing": "even"}
+    sampler = sampler or DEFAULT_SAMPLER
     check(eta is None or sampler in DEFAULT_ETA, f"--eta applies to ddim and dpm++, not {sampler}")
     check(eta is None or 0 <= eta <= 1, f"--eta must be between 0 (deterministic, ODE) and 1 (ancestral, SDE), "
                                         f"got {eta}")
@@ -229,4 +238,5 @@ def sampler_settings(sampler, timesteps, steps=None, eta=None):
 def describe(settings):
     """'dpm++ sampler, 20 steps, eta 1' for a sampler_settings() dict."""
     eta = f", eta {settings['eta']:g}" if "eta" in settings else ""
-    return f"{settings['sampler']} sampler, {settings['steps']} steps{eta}"
+    grid = f", {settings['spacing']} grid (a distilled student)" if "spacing" in settings else ""
+    return f"{settings['sampler']} sampler, {settings['steps']} steps{eta}{grid}"

@@ -185,11 +185,14 @@ class Diffusion(nn.Module):
             log_variance = _gather(table, t, x.ndim)
         return self.q_posterior(x0, x, t)[0], log_variance, x0
 
-    def loss(self, model, x0, t, noise):
-        """The training loss per example, [B]: L_simple (Algorithm 1 of Ho et al. 2020: MSE to eps or v);
-        L_hybrid = L_simple + lambda L_vlb (eq. 16 of Nichol & Dhariwal 2021), the mean's gradient stopped in
-        L_vlb so that it trains the variance only; or L_vlb alone. L_vlb = sum_t L_t is estimated by T L_t at
-        the t drawn, in bits per dimension; weigh it by TimestepSampler's weights when t is not uniform."""
+    def loss(self, model, x0, t, noise, y=None):
+        """The training loss per example, [B], of model(x_t, t), or of model(x_t, t, y) given labels y [B]:
+        L_simple (Algorithm 1 of Ho et al. 2020: MSE to eps or v); L_hybrid = L_simple + lambda L_vlb (eq. 16
+        of Nichol & Dhariwal 2021), the mean's gradient stopped in L_vlb so that it trains the variance only; or
+        L_vlb alone. L_vlb = sum_t L_t is estimated by T L_t at the t drawn, in bits per dimension; weigh it by
+        TimestepSampler's weights when t is not uniform."""
+        if y is not None:
+            return self.loss(lambda xt, tt: model(xt, tt, y), x0, t, noise)
         if self.config.loss == "vlb":
             return self.timesteps * self.bound_term(model, x0, t, noise, clip=False)
         xt = self.q_sample(x0, t, noise)
@@ -268,9 +271,9 @@ class Diffusion(nn.Module):
         v: the variance fraction of a learned variance, else None.
 
         Clipping x_0 follows Ho et al.'s code; recomputing eps from the clipped x_0 is eq. 9 of
-        Song et al. 2021 solved for eps. t: one timestep (int) for the whole batch.
+        Song et al. 2021 solved for eps. t: one timestep (int) for the whole batch, or one per image [B].
         """
-        tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        tb = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         pred, v = self.split(model(x, tb).float())
         _, x0 = self.to_eps_x0(pred, x, tb)
         x0 = x0.clamp(-1, 1)

@@ -237,9 +237,11 @@ def build_parser():
     return p
 
 
-def plan(args, timesteps, conditional, both=True):
+def plan(args, timesteps, conditional, both=True, distilled=None):
     """[(weights, sampler settings, guidance)] to score, after refusing flags that would be ignored.
-    both: a sweep scores the raw weights as well as the EMA."""
+    both: a sweep scores the raw weights as well as the EMA. distilled: a student's record (distill.py)."""
+    check(not (distilled and (args.guidance is not None or args.guidance_sweep)), "a distilled student samples with "
+          "the guidance it learned: drop --guidance and --guidance-sweep")
     single = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "no_ema") if getattr(args, k)
               not in (None, False)]
     check(not (args.sweep and single), f"--sweep scores every --grid entry with both weights: drop {', '.join(single)}")
@@ -253,13 +255,16 @@ def plan(args, timesteps, conditional, both=True):
     check(args.guidance is None or not args.guidance_sweep, "--guidance-sweep scores its own scales: drop --guidance")
     check(min(args.guidance_sweep or [args.guidance or 0]) >= 0, "guidance scales must be 0 or more")
     guidance = GUIDANCE if args.guidance is None else args.guidance
+    if args.sweep and distilled:  # a student beside its teacher: scored with its own sampler, once
+        return [("ema", sampler_settings(None, timesteps, distilled=distilled), 0.0)]
     if args.sweep:
         capped = lambda name, steps, *eta: ":".join([name, str(min(int(steps), timesteps)), *eta])  # T < 1000
         grid = args.grid or list(dict.fromkeys(capped(*entry.split(":")) for entry in GRID))
         weights = ("ema", "raw") if both else ("ema",)
         return [(w, settings, guidance) for w in weights for settings in parse_grid(grid, timesteps)]
-    settings = sampler_settings(args.sampler or DEFAULT_SAMPLER, timesteps, args.steps, args.eta)
-    return [("raw" if args.no_ema else "ema", settings, w) for w in (args.guidance_sweep or [guidance])]
+    settings = sampler_settings(args.sampler, timesteps, args.steps, args.eta, distilled)
+    return [("raw" if args.no_ema else "ema", settings, w) for w in (args.guidance_sweep or [0.0 if distilled else
+                                                                                            guidance])]
 
 
 def likelihood(args, ckpt, device):
@@ -317,7 +322,8 @@ def run(args):
     check(len(kinds) == 1, "--sweep compares checkpoints of one kind: all class-conditional, or none")
     conditional = kinds.pop()
     runs = [(path, *entry) for path, ckpt in ckpts.items()
-            for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional, both=len(ckpts) == 1)]
+            for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional, len(ckpts) == 1,
+                              ckpt["distillation"])]
     models = {(path, w): build_model(ckpts[path], device, ema=w == "ema") for path, w, *_ in runs}
     out, classifier_dir = check_writable(args.output_dir, "--output-dir"), check_writable(args.classifier_dir,
                                                                                          "--classifier-dir")
@@ -344,7 +350,8 @@ def run(args):
                           guidance=guidance, callback=lambda i, t, x, x0: steps_seen.add(i), **settings)
         seconds = time.perf_counter() - started
         eta = f" eta={settings['eta']:g}" if "eta" in settings else ""
-        name = f"{settings['sampler']}-{settings['steps']}{eta} {weights}" + (f" w={guidance:g}" if conditional else "")
+        name = (f"{settings['sampler']}-{settings['steps']}{eta}{' student' * ('spacing' in settings)} {weights}"
+                + (f" w={guidance:g}" if conditional else ""))
         name = f"{path} {name}" if len(ckpts) > 1 else name
         row = {"name": name, "checkpoint": path, **settings, "weights": weights, "guidance": guidance, "nfe": len(steps_seen),
                "images_per_s": args.n / seconds, **score(*embed(classifier, images), reference, labels, test_y)}

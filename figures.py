@@ -106,10 +106,11 @@ def plot_guidance(rows, path):
 
 def plot_sweep(rows, path):
     """evaluate.py's rows (the first is the real-image floor): FID against network evaluations, one line
-    per sampler and eta (and checkpoint, if several), solid for EMA weights and dashed for raw ones."""
-    several = len({r.get("checkpoint") for r in rows[1:]}) > 1  # a line per checkpoint and sampler
-    label = lambda r: ((r["checkpoint"] + ": ") * several + r["sampler"]
-                       + (f" eta={r['eta']:g}" if r.get("eta") is not None else ""))
+    per sampler and eta (and checkpoint, if several), solid for EMA weights and dashed for raw ones; distilled
+    students (distill.py), one point each, share one line."""
+    several = len({r.get("checkpoint") for r in rows[1:] if "spacing" not in r}) > 1  # a line per checkpoint
+    label = lambda r: "distilled students" if "spacing" in r else (
+        (r["checkpoint"] + ": ") * several + r["sampler"] + (f" eta={r['eta']:g}" if r.get("eta") is not None else ""))
     samplers = sorted({label(r) for r in rows[1:]})
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     for weights, line in (("ema", "-"), ("raw", "--")):

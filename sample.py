@@ -9,7 +9,7 @@ from checkpoint import atomic_write, build_model, load_checkpoint
 from cli import (DEFAULT_SAMPLER, GUIDANCE, ArgumentParser, UserError, autocast_for, check, check_writable,
                  default_batch_size, describe, pick_device, run_command, sampler_settings, tf32)
 from data import CLASSES
-from samplers import SAMPLERS
+from samplers import SAMPLERS, guided
 from figures import save_grid, save_labelled
 
 
@@ -21,22 +21,6 @@ def parse_class(text):
     if text.strip().isdigit() and int(text) < len(CLASSES):
         return int(text)
     raise UserError(f"unknown class {text!r}; use an index 0-9 or one of: {', '.join(CLASSES)}")
-
-
-def guided(model, labels, w):
-    """Classifier-free guidance, eq. 6 of Ho & Salimans 2022: (1 + w) f(x, t, c) - w f(x, t, none).
-
-    w = 0 is the conditional model alone; conditional and unconditional run as one doubled batch.
-    """
-    if w == 0:
-        return lambda x, t: model(x, t, labels)
-
-    def fn(x, t):
-        none = torch.full_like(labels, model.config.num_classes)
-        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, none])).chunk(2)
-        c = x.shape[1]  # a learned variance, in the channels after c, is the conditional model's (GLIDE, sec. 2.3)
-        return torch.cat([cond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
-    return fn
 
 
 def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size=None, callback=None,
@@ -97,7 +81,8 @@ def build_parser():
     a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from (checkpoints)")
     a("--n", type=int, default=64, help="number of images to draw (64)")
     a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step (0)")
-    a("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS), help=f"reverse-process sampler ({DEFAULT_SAMPLER})")
+    a("--sampler", choices=sorted(SAMPLERS), help=f"reverse-process sampler ({DEFAULT_SAMPLER}; a distilled student: "
+                                                  f"its own)")
     a("--steps", type=int, help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20)")
     a("--eta", type=float, help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (ddim: 0, dpm++: 1)")
     a("--batch-size", type=int, help="images generated at once (default: 64 on a CPU, 1000 on a GPU)")
@@ -126,7 +111,11 @@ def run(args):
                                         "unconditional (train one with `python train.py --conditional`)")
     check(conditional or args.guidance is None, "--guidance applies to class-conditional models only; this "
                                                 "checkpoint's is unconditional: drop --guidance")
-    settings = sampler_settings(args.sampler, diffusion.timesteps, args.steps, args.eta)
+    distilled = ckpt["distillation"]
+    if distilled:
+        check(args.guidance is None, f"this student learned guidance w = {distilled['guidance']:g} from its "
+                                     f"teacher, and samples with it alone: drop --guidance")
+    settings = sampler_settings(args.sampler, diffusion.timesteps, args.steps, args.eta, distilled)
     out = check_writable(args.output_dir, "--output-dir")
     if args.save_npz:
         check_writable(Path(args.save_npz).parent, "--save-npz")
@@ -140,7 +129,7 @@ def run(args):
         if args.trajectory and len(snapshots) < len(marks) and i in marks:
             snapshots.append((f"t = {t}", x[:keep].cpu()))
 
-    guidance = GUIDANCE if args.guidance is None else args.guidance
+    guidance = 0.0 if distilled else GUIDANCE if args.guidance is None else args.guidance
     images = draw_pictures(model, diffusion, args.n, out, args.seed, label, guidance,
                            batch_size=args.batch_size, callback=record, **settings)
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if conditional and label is None else ""))

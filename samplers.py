@@ -1,4 +1,5 @@
-"""The reverse process: three samplers with one signature, and the timesteps they visit.
+"""The reverse process: three samplers with one signature, the timesteps they visit, classifier-free
+guidance, and the two-step target of progressive distillation.
 
 Every sampler: (model, diffusion, noise x_T [B, C, H, W], steps, generator, callback) -> x_0 in [-1, 1].
 Only the ancestral sampler (ddpm) uses a learned variance; DDIM and DPM-Solver++ take the noise they
@@ -14,6 +15,15 @@ def spaced_timesteps(timesteps, steps):
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
     return torch.linspace(timesteps - 1, 0, steps).round().long().unique_consecutive()
+
+
+def even_timesteps(timesteps, steps):
+    """`steps` timesteps T - 1 - k T / steps, k = 0 .. steps - 1, for steps of equal length whose last one ends
+    at clean data (t = -1): the grid of progressive distillation (Salimans & Ho 2022, Algorithm 2, t = i / N),
+    where each grid of a power-of-two length holds every other point of the one twice as long."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
+    return (timesteps * (1 - torch.arange(steps, dtype=torch.float64) / steps)).round().long() - 1
 
 
 LAMBDA_MIN = -5.1  # half log-SNR below which no step is spent: diffusers' lambda_min_clipped for the cosine schedule
@@ -47,7 +57,8 @@ def _schedule(diffusion, steps, spacing="time"):
     """(i, t, s, abar_t, abar_s) for each step from t to the next timestep s; the last has s = -1, abar_s = 1."""
     abar = diffusion.alphas_cumprod
     steps = steps or diffusion.timesteps
-    ts = (spaced_timesteps(diffusion.timesteps, steps) if spacing == "time" else logsnr_timesteps(abar, steps)).tolist()
+    grid = {"time": spaced_timesteps, "even": even_timesteps}.get(spacing)
+    ts = (grid(diffusion.timesteps, steps) if grid else logsnr_timesteps(abar, steps)).tolist()
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
         yield i, t, s, abar[t], (abar[s] if s >= 0 else abar.new_ones(()))
@@ -75,14 +86,15 @@ def sample_ddpm(model, diffusion, noise, steps=None, generator=None, callback=No
 
 
 @torch.no_grad()
-def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=None, eta=0.0):
+def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=None, eta=0.0, spacing="time"):
     """DDIM, eq. 12 of Song et al. 2021: x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps + sigma z.
 
     sigma = eta * sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)) (eq. 16): eta = 0 is the
-    deterministic sampler, eta = 1 the ancestral one.
+    deterministic sampler, eta = 1 the ancestral one. spacing "time" (spaced_timesteps) or "even"
+    (even_timesteps, a distilled student's grid).
     """
     x = noise
-    for i, t, s, abar_t, abar_s in _schedule(diffusion, steps):
+    for i, t, s, abar_t, abar_s in _schedule(diffusion, steps, spacing):
         eps, x0, _ = diffusion.predict(model, x, t)
         sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
         x = abar_s.sqrt() * x0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps
@@ -124,6 +136,35 @@ def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callbac
         if callback is not None:
             callback(i, t, x, x0)
     return x
+
+
+def ddim_step(x, x0, abar_t, abar_s):
+    """One deterministic DDIM step from x_t to x_s given the model's x_0 (eq. 12 of Song et al. 2021, sigma = 0):
+    x_s = alpha_s x_0 + (sigma_s / sigma_t) (x_t - alpha_t x_0), with alpha^2 = abar, sigma^2 = 1 - abar."""
+    return abar_s.sqrt() * x0 + ((1 - abar_s) / (1 - abar_t)).sqrt() * (x - abar_t.sqrt() * x0)
+
+
+def distillation_target(x, x_s, abar_t, abar_s):
+    """The x_0 whose one DDIM step from x_t lands on x_s (x~ of Algorithm 2 of Salimans & Ho 2022): ddim_step
+    solved for x_0. x_s: where two teacher steps went; abar_s = 1 (clean data) gives x_s itself. [B, C, H, W]."""
+    ratio = ((1 - abar_s) / (1 - abar_t)).sqrt()
+    return (x_s - ratio * x) / (abar_s.sqrt() - ratio * abar_t.sqrt())
+
+
+def guided(model, labels, w):
+    """Classifier-free guidance, eq. 6 of Ho & Salimans 2022: (1 + w) f(x, t, c) - w f(x, t, none).
+
+    w = 0 is the conditional model alone; conditional and unconditional run as one doubled batch.
+    """
+    if w == 0:
+        return lambda x, t: model(x, t, labels)
+
+    def fn(x, t):
+        none = torch.full_like(labels, model.config.num_classes)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, none])).chunk(2)
+        c = x.shape[1]  # a learned variance, in the channels after c, is the conditional model's (GLIDE, sec. 2.3)
+        return torch.cat([cond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
+    return fn
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp_2m}

@@ -94,9 +94,10 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
     """The loop: sample t and noise, take an Adam step on the loss, update the EMA, log, save() now and then.
 
     images: uint8 [N, 28, 28] on device; labels [N] too, used if the model is class-conditional.
-    state holds what must survive a restart (step, epoch, per-step loss history), updated in place.
-    Ends with a save() if it took a step. Returns why it stopped before the planned end (a signal, or the
-    time.time() `deadline`), or None.
+    diffusion gives the loss: a Diffusion, or what has its .timesteps (t is drawn uniformly below it) and
+    .loss(model, x0, t, noise, y), such as distill.py's Distillation. state holds what must survive a restart
+    (step, epoch, per-step loss history), updated in place. Ends with a save() if it took a step. Returns
+    why it stopped before the planned end (a signal, or the time.time() `deadline`), or None.
 
     Under torchrun each of the W processes takes its own cfg.batch_size slice of a global batch of
     W * cfg.batch_size, with the global batch's timesteps and noise drawn alike on every rank from the
@@ -157,7 +158,7 @@ def train(model, ema, diffusion, optimizer, images, cfg, device, state, save, la
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg, planned)
                 with autocast:
-                    losses = diffusion.loss(lambda xt, tt: net(xt, tt, y), x0[mine], t, noise)
+                    losses = diffusion.loss(net, x0[mine], t, noise, y)
                     loss = (losses * weights[mine]).mean() if timesteps else losses.mean()
                 if timesteps:
                     timesteps.update(t_all, gather_from_ranks(losses.detach()))
@@ -281,6 +282,8 @@ def run(args):
     """Train as the flags say; returns (model, ema, state) for whoever called it in-process."""
     rank, ranks, device = start_distributed(args.device)
     saved, source = open_checkpoint(args.resume) if args.resume else (None, None)
+    check(saved is None or saved["distillation"] is None, f"--resume {args.resume}: a distilled student; "
+                                                          f"continue its distillation with distill.py --resume")
     model_cfg, diffusion_cfg, cfg, note = resolve_configs(args, device, saved and saved["config"])
     validate(args, model_cfg, cfg)
     check(saved is None or saved["world_size"] == ranks,

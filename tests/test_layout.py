@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = {"unet", "diffusion", "samplers", "data", "checkpoint", "cli", "figures", "config"}
-SCRIPTS = {"train", "sample", "evaluate", "bench"}
+SCRIPTS = {"train", "sample", "evaluate", "bench", "distill"}
 JOBS = {"sample": {"generate", "draw_pictures"}, "train": {"train", "setup", "measure_rate"}}
 
 
@@ -74,6 +74,7 @@ LAYOUTS[3] = {**LAYOUTS[2], "keys": sorted(LAYOUTS[2]["keys"] + ["timestep_histo
               "DiffusionConfig": sorted(LAYOUTS[2]["DiffusionConfig"] + ["loss", "variance"])}
 LAYOUTS[4] = {**LAYOUTS[3], "TrainConfig": sorted(LAYOUTS[3]["TrainConfig"] + ["ema_power", "lr_schedule",
                                                                             "memory_format", "steps"])}
+LAYOUTS[5] = {**LAYOUTS[4], "keys": sorted(LAYOUTS[4]["keys"] + ["distillation"])}
 
 
 def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):

@@ -1,0 +1,283 @@
+"""Progressive distillation (Salimans & Ho 2022): `python distill.py` halves a trained model's sampling steps
+round by round, 64 -> 32 -> ... -> 4 by default; then `python sample.py --checkpoint checkpoints/distilled/4-steps`.
+
+Each round's student starts as a copy of its teacher and learns to take, in one deterministic DDIM step, the
+two steps its teacher takes; it then teaches the next round. The students predict v (sec. 4 of the paper)."""
+import argparse
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, locked, make_checkpoint, open_checkpoint,
+                        save_checkpoint, teacher_checkpoint)
+from cli import (GUIDANCE, ArgumentParser, check, check_writable, describe, fastest_settings, pick_device,
+                 run_command, sampler_settings)
+from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
+from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
+from figures import save_labelled
+from sample import draw_pictures, generate
+from samplers import ddim_step, distillation_target, even_timesteps, guided
+from train import setup, train
+
+ROUND = "{}-steps"  # the folder, under --checkpoint-dir, of the student that samples in that many steps
+# What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
+RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps", "guidance", "seed",
+                "precision", "memory_format", "checkpoint_every", "overwrite")
+# A new distillation's settings where a flag is left out: the CPU recipe (README, "Few-step sampling").
+DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4, warmup_steps=50, seed=0,
+                checkpoint_every=250)
+
+
+class Distillation:
+    """The loss of one round of progressive distillation, Algorithm 2 of Salimans & Ho 2022, in the form
+    train.train() takes: there t is drawn from range(steps), the student step i that starts at grid[2 i]
+    (t = i / N in the paper), and .loss() compares the student with two DDIM steps of the teacher.
+
+    teacher(x, t[, y]) predicts in its own parametrisation (diffusion: its Diffusion), a conditional one with
+    classifier-free guidance w; the student's Diffusion says how its output reads (v).
+    """
+
+    def __init__(self, teacher, teacher_diffusion, diffusion, steps, guidance=0.0):
+        self.teacher, self.teacher_diffusion, self.diffusion = teacher, teacher_diffusion, diffusion
+        self.timesteps, self.guidance = steps, guidance
+        grid = even_timesteps(diffusion.timesteps, 2 * steps)  # the teacher's: twice as fine, then clean data
+        self.grid = torch.cat([grid, grid.new_tensor([-1])]).to(diffusion.alphas_cumprod.device)
+
+    def abar(self, t):
+        """alpha-bar at timesteps t [B], 1 at t = -1 (clean data): [B, 1, 1, 1]."""
+        abar = self.diffusion.alphas_cumprod
+        return torch.where(t >= 0, abar[t.clamp(min=0)], torch.ones_like(abar[0])).reshape(-1, 1, 1, 1)
+
+    def teacher_x0(self, x, t, y):
+        fn = self.teacher if y is None else guided(self.teacher, y, self.guidance)
+        return self.teacher_diffusion.predict(fn, x, t)[1]  # clipped to [-1, 1], as its sampler does
+
+    @torch.no_grad()
+    def target(self, x, i, y=None):
+        """x~ of Algorithm 2 at x_t, t = grid[2 i]: the x_0 whose one DDIM step lands where the teacher's two
+        steps, t -> grid[2 i + 1] -> grid[2 i + 2], do; in full fp32, the teacher's sampler's precision."""
+        t, mid, s = (self.grid[2 * i + k] for k in range(3))
+        with torch.autocast(x.device.type, enabled=False):
+            x_mid = ddim_step(x, self.teacher_x0(x, t, y), self.abar(t), self.abar(mid))
+            x_s = ddim_step(x_mid, self.teacher_x0(x_mid, mid, y), self.abar(mid), self.abar(s))
+        return distillation_target(x, x_s, self.abar(t), self.abar(s))
+
+    def loss(self, model, x0, i, noise, y=None):
+        """Per example [B]: the MSE of the student's v to the target's, v = (alpha_t x_t - x~) / sigma_t; as an
+        x_0 error that is weighted by SNR + 1, one of the two weightings sec. 4 of the paper recommends."""
+        t = self.grid[2 * i]
+        x = self.diffusion.q_sample(x0, t, noise)
+        abar = self.abar(t)
+        v = (abar.sqrt() * x - self.target(x, i, y)) / (1 - abar).sqrt()
+        pred, _ = self.diffusion.split((model(x, t) if y is None else model(x, t, y)).float())
+        return (pred - v).pow(2).flatten(1).mean(1)
+
+
+def halvings(teacher_steps, to_steps):
+    """The students' step counts, one per round: teacher_steps / 2, / 4, ... down to to_steps."""
+    steps = [teacher_steps // 2]
+    while steps[-1] > to_steps:
+        steps.append(steps[-1] // 2)
+    return steps
+
+
+def saved_rounds(folder):
+    """{student steps: (checkpoint, its file)} for every round folder under `folder` that holds one."""
+    found = {}
+    for sub in sorted(Path(folder).glob(ROUND.format("*"))):
+        if sub.name.split("-")[0].isdigit() and any((sub / name).is_file() for name in CHECKPOINT_NAMES):
+            ckpt, file = open_checkpoint(sub)
+            check(ckpt["distillation"] is not None, f"{file} is not a distilled student, yet lies where distill.py "
+                                                    f"keeps its rounds: move it, or choose another --checkpoint-dir")
+            found[ckpt["distillation"]["steps"]] = ckpt, file
+    return found
+
+
+def distil_round(n, teacher, teacher_diffusion, record, cfg, images, labels, device, folder, saved=None):
+    """Train the student that takes n steps (from `saved`, a checkpoint of this round, if given), saving it in
+    folder: train.train() with the Distillation loss. Returns why it stopped early, or None."""
+    student = replace(teacher_diffusion.config, prediction="v")
+    model, ema, diffusion, optimizer, state = setup(teacher.config, student, cfg, device, saved)
+    if saved is None:  # theta <- eta: the student starts where its teacher is
+        model.load_state_dict(teacher.state_dict())
+    objective = Distillation(teacher, teacher_diffusion, diffusion, n, record["guidance"])
+    record = {**record, "steps": n, "teacher": teacher_checkpoint(teacher, teacher_diffusion)}
+
+    def save():
+        save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg.recipe(), state, 1, record), folder)
+
+    for leftover in folder.glob(".ckpt*.tmp"):  # of a run killed while saving; we hold the lock
+        leftover.unlink()
+    return train(model, ema, objective, optimizer, images, cfg, device, state, save, labels)
+
+
+def build_parser():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a, d = p.add_argument, lambda key: f"({DEFAULTS[key]:g})"
+    a("--teacher", help="the trained checkpoint (file or folder) whose EMA weights teach the first round (checkpoints)")
+    a("--teacher-steps", type=int, help="the first teacher's DDIM steps; each student takes half " + d("teacher_steps"))
+    a("--to-steps", type=int, help="the last student's steps, reached by halving --teacher-steps " + d("to_steps"))
+    a("--round-steps", type=int, help="optimizer steps per round " + d("round_steps"))
+    a("--batch-size", type=int, help="images per step " + d("batch_size"))
+    a("--lr", type=float, help="Adam learning rate after warm-up, decaying linearly to 0 in each round " + d("lr"))
+    a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each round " + d("warmup_steps"))
+    a("--guidance", type=float, help=f"conditional teachers: the guidance scale w the students learn ({GUIDANCE:g})")
+    a("--seed", type=int, help="seed for data order, timesteps and noise, the same in each round " + d("seed"))
+    a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in train.py (auto); "
+                                              "the teacher's targets are always full fp32")
+    a("--memory-format", choices=MEMORY_FORMATS, help="of the student's tensors (auto, as in train.py)")
+    a("--checkpoint-every", type=int, help="steps between checkpoints within a round " + d("checkpoint_every"))
+    a("--checkpoint-dir", help="where each round's student goes, in N-steps/ (checkpoints/distilled)")
+    a("--output-dir", default="output/distilled", help="where each round's samples and students.png go "
+                                                       "(output/distilled)")
+    a("--resume", metavar="DIR", help="continue the distillation in this --checkpoint-dir, with its settings")
+    a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds a distillation")
+    a("--max-steps", type=int, help="optimizer steps this command takes, over its rounds, then stop (0: no limit)")
+    a("--sample-n", type=int, default=64, help="images drawn by each round's student into its samples.png (64)")
+    a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    return p
+
+
+def settings_from(args, found, device):
+    """(the first teacher, its diffusion, the record every round shares, the TrainConfig of each round, the
+    last student's steps): from the flags for a new distillation, from its checkpoints for --resume."""
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS if getattr(args, k) not in (None, False)]
+        check(not given, f"--resume continues the distillation with the settings in its checkpoints: drop "
+                         f"{', '.join(given)}")
+        check(found, f"--resume {args.resume}: no distilled student there to continue; start one with "
+                     f"`python distill.py --checkpoint-dir {args.resume}`")
+        first, _ = found[max(found)]
+        record = {k: v for k, v in first["distillation"].items() if k != "teacher"}
+        teacher, teacher_diffusion = build_teacher(first, device)  # the first round's: the trained model
+        cfg = TrainConfig(**first["config"]["train"])
+        return teacher, teacher_diffusion, record, cfg, record["to_steps"] if args.to_steps is None else args.to_steps
+    check(not found or args.overwrite, f"{args.checkpoint_dir}/ already holds a distillation "
+          f"({', '.join(ROUND.format(n) for n in sorted(found, reverse=True))}): continue it with --resume "
+          f"{args.checkpoint_dir}, replace it with --overwrite, or choose another --checkpoint-dir")
+    ckpt, file = open_checkpoint(args.teacher or "checkpoints")
+    check(ckpt["distillation"] is None, f"{file} is a distilled student, not a trained model: to halve its steps "
+                                        f"further, continue its distillation with --resume DIR --to-steps N")
+    teacher, teacher_diffusion = build_model(ckpt, device)
+    conditional = teacher.config.num_classes > 0
+    check(conditional or args.guidance is None, "--guidance applies to class-conditional teachers; this one is "
+                                                "unconditional: drop --guidance")
+    check(args.guidance is None or args.guidance >= 0, f"--guidance must be 0 or more, got {args.guidance}")
+    flag = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in DEFAULTS.items()}
+    first_steps = flag["teacher_steps"]
+    record = {"round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
+              "guidance": (GUIDANCE if args.guidance is None else args.guidance) if conditional else 0.0,
+              "source": {"checkpoint": str(file), "step": ckpt["step"]}}
+    chosen = fastest_settings(device, args.precision or "auto")
+    memory_format = args.memory_format if args.memory_format not in (None, "auto") else chosen["memory_format"]
+    values = dict(steps=flag["round_steps"], batch_size=flag["batch_size"], lr=flag["lr"], lr_schedule="linear",
+                  warmup_steps=flag["warmup_steps"], seed=flag["seed"], precision=chosen["precision"],
+                  memory_format=memory_format, checkpoint_every=flag["checkpoint_every"])
+    for name in ("steps", "batch_size", "lr", "checkpoint_every"):
+        check(values[name] > 0, f"--{'round-steps' if name == 'steps' else name.replace('_', '-')} must be positive, "
+                                f"got {values[name]}")
+    check(0 <= values["warmup_steps"] < values["steps"], "--warmup-steps must be 0 or more and fewer than "
+                                                         "--round-steps")
+    check(first_steps <= teacher_diffusion.timesteps, f"--teacher-steps {first_steps}: the teacher has only "
+                                                      f"{teacher_diffusion.timesteps} timesteps")
+    return teacher, teacher_diffusion, record, TrainConfig(**values), record["to_steps"]
+
+
+def run(args):
+    check(args.sample_n >= 0, f"--sample-n must be 0 (no samples) or more, got {args.sample_n}")
+    check(args.max_steps is None or args.max_steps >= 0, f"--max-steps cannot be negative, got {args.max_steps}")
+    check(not (args.resume and args.checkpoint_dir and Path(args.resume) != Path(args.checkpoint_dir)),
+          "--resume continues the distillation where it is saved: drop --checkpoint-dir")
+    device = pick_device(args.device)
+    args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
+    found = saved_rounds(args.checkpoint_dir) if args.checkpoint_dir.is_dir() else {}
+    teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
+    first_steps = record["from_steps"]
+    check(to_steps >= 1 and first_steps > to_steps and first_steps % to_steps == 0
+          and (first_steps // to_steps) & (first_steps // to_steps - 1) == 0,
+          f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} steps: give a power of "
+          f"two below it, such as --teacher-steps 64 --to-steps 4")
+    ckpt_dir, out = check_writable(args.checkpoint_dir, "--checkpoint-dir"), check_writable(args.output_dir,
+                                                                                            "--output-dir")
+    with locked(ckpt_dir):
+        prepare_fashion_mnist(args.data_dir)
+        images, labels = load_fashion_mnist(args.data_dir)
+        check(cfg.batch_size <= len(images), f"--batch-size {cfg.batch_size} is larger than the {len(images)} "
+                                             f"training images")
+        if args.overwrite:  # every check has passed: the earlier distillation goes
+            for n in found:
+                for name in CHECKPOINT_NAMES:
+                    (ckpt_dir / ROUND.format(n) / name).unlink(missing_ok=True)
+            found = {}
+        print(f"distilling {record['source']['checkpoint']} (step {record['source']['step']}): "
+              f"{' -> '.join(str(n) for n in [first_steps, *halvings(first_steps, to_steps)])} steps, {cfg.steps} "
+              f"optimizer steps a round, batch {cfg.batch_size}, lr {cfg.lr:g} ({cfg.precision}), on {device}")
+        rounds = [(r, n, ckpt_dir / ROUND.format(n), found.get(n, (None,))[0])
+                  for r, n in enumerate(halvings(first_steps, to_steps), 1)]
+        if distil_rounds(rounds, teacher, teacher_diffusion, {**record, "to_steps": to_steps}, cfg,
+                         images.to(device), labels.to(device), device, out, args.sample_n, args.max_steps or math.inf):
+            save_students(ckpt_dir, out / "students.png", device, cfg.seed)
+        else:
+            print(f"to continue: python distill.py --resume {ckpt_dir}")
+
+
+def distil_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labels, device, out, sample_n, budget):
+    """Train each round [(round, student steps, folder, its checkpoint or None)] not yet finished, each student
+    teaching the next, and draw each new student's samples. budget: the optimizer steps this command may take.
+    Returns whether every round is finished."""
+    for r, n, folder, saved in rounds:
+        if saved is not None and saved["step"] >= cfg.steps:  # a finished round: its student teaches the next
+            teacher, teacher_diffusion = build_model(saved, device)
+            continue
+        if saved is not None:  # a round cut short: resumed against the teacher it kept
+            teacher, teacher_diffusion = build_teacher(saved, device)
+        start, started = saved["step"] if saved else 0, time.time()
+        limit = replace(cfg, max_steps=start + budget if math.isfinite(budget) else 0)
+        stopped = distil_round(n, teacher, teacher_diffusion, {**record, "round": r}, limit, images, labels, device,
+                               folder, saved)
+        ckpt, _ = open_checkpoint(folder)
+        budget -= ckpt["step"] - start
+        if stopped or ckpt["step"] < cfg.steps:
+            print(f"stopped in round {r} at step {ckpt['step']} of {cfg.steps} by {stopped or '--max-steps'}")
+            return False
+        history = [v for *_, v in ckpt["history"][-100:]]
+        print(f"round {r}: the {n}-step student trained in {(time.time() - started) / 60:.1f} min, loss "
+              f"{sum(history) / len(history):.4g} over its last {len(history)} steps; saved in {folder}/")
+        teacher, teacher_diffusion = build_model(ckpt, device)  # exactly what a resumed run would load
+        if sample_n:
+            settings = sampler_settings(None, teacher_diffusion.timesteps, distilled=ckpt["distillation"])
+            where = check_writable(out / folder.name, "--output-dir")
+            draw_pictures(teacher, teacher_diffusion, sample_n, where, cfg.seed, guidance=0.0, **settings)
+            print(f"wrote {where / 'samples.png'} ({describe(settings)})")
+        if budget <= 0 and rounds[-1][0] != r:  # the budget ran out with this round
+            print(f"stopped after round {r} by --max-steps")
+            return False
+    return True
+
+
+def save_students(ckpt_dir, path, device, seed, n=10):
+    """students.png: one row per student, each drawing from the same starting noise (conditional ones one
+    image of each class), so that a row's change shows what halving the steps cost."""
+    rows = []
+    for steps, (ckpt, _) in sorted(saved_rounds(ckpt_dir).items(), reverse=True):
+        model, diffusion = build_model(ckpt, device)
+        labels = torch.arange(n) % len(CLASSES) if model.config.num_classes else None
+        settings = sampler_settings(None, diffusion.timesteps, distilled=ckpt["distillation"])
+        rows.append((f"{steps} step{'s' * (steps > 1)}", generate(model, diffusion, n, seed, labels=labels,
+                                                                  progress=False, **settings)))
+    save_labelled(rows, path, "Distilled students, the same noise in each row", rows=True)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)
+    run_command(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Progressive distillation (distill.py): the grid, the target of Algorithm 2 against an exact teacher, a round
+that learns, the student's sampler, exact resume, and the refusals."""
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import distill
+import sample
+import train
+from checkpoint import build_model, build_teacher, load_checkpoint
+from cli import UserError
+from diffusion import Diffusion, DiffusionConfig
+from samplers import even_timesteps, sample_ddim
+from unet import UNet
+
+
+@pytest.mark.parametrize("timesteps", [20, 1000])
+def test_each_grid_holds_every_other_point_of_the_one_twice_as_long(timesteps):
+    for n in (1, 2, 4, 8):
+        fine, coarse = even_timesteps(timesteps, 2 * n), even_timesteps(timesteps, n)
+        assert torch.equal(fine[::2], coarse)
+        assert coarse[0] == timesteps - 1 and (coarse.diff() < 0).all() and coarse[-1] >= 0
+    assert even_timesteps(1000, 1).tolist() == [999] and even_timesteps(1000, 2).tolist() == [999, 499]
+
+
+class GaussianTeacher(torch.nn.Module):
+    """The exact denoiser of data x ~ N(mu, s^2 I), E[x_0 | x_t] = mu + alpha s^2 (x_t - alpha mu) / (alpha^2 s^2 +
+    sigma^2), as an eps-predicting model: a teacher with no error of its own."""
+
+    def __init__(self, diffusion, mu=0.1, s=0.2):
+        super().__init__()
+        self.diffusion, self.mu, self.s = diffusion, mu, s
+
+    def forward(self, x, t):
+        a, sigma = (v.double() for v in self.diffusion._coefs(t, x.ndim))
+        x = x.double()
+        x0 = self.mu + a * self.s**2 * (x - a * self.mu) / (a**2 * self.s**2 + sigma**2)
+        return ((x - a * x0) / sigma).float()
+
+
+class PerfectStudent(torch.nn.Module):
+    """A v-predicting student whose every step is the target of Algorithm 2: v = (alpha x_t - x~) / sigma."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.objective = objective
+
+    def forward(self, x, t):
+        i = (self.objective.grid[::2][:-1] == t[:, None]).float().argmax(1)  # the student step that starts at t
+        abar = self.objective.abar(t)
+        return (abar.sqrt() * x - self.objective.target(x, i)) / (1 - abar).sqrt()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_one_student_step_with_the_target_lands_where_two_exact_teacher_steps_do(steps, schedule):
+    teacher_diffusion = Diffusion(DiffusionConfig(1000, schedule))
+    diffusion = Diffusion(DiffusionConfig(1000, schedule, prediction="v"))
+    teacher = GaussianTeacher(teacher_diffusion)
+    objective = distill.Distillation(teacher, teacher_diffusion, diffusion, steps)
+    noise = torch.randn(6, 1, 8, 8)
+    teacher_path, student_path = [], []
+    x_teacher = sample_ddim(teacher, teacher_diffusion, noise, 2 * steps, spacing="even",
+                            callback=lambda i, t, x, x0: teacher_path.append(x))
+    x_student = sample_ddim(PerfectStudent(objective), diffusion, noise, steps, spacing="even",
+                            callback=lambda i, t, x, x0: student_path.append(x))
+    assert len(student_path) == steps and len(teacher_path) == 2 * steps
+    for k in range(steps):  # after each student step, where the teacher is after two
+        assert_close(student_path[k], teacher_path[2 * k + 1], rtol=1e-4, atol=1e-4)
+    assert_close(x_student, x_teacher, rtol=1e-4, atol=1e-4)
+    assert (x_teacher - noise).abs().mean() > 0.5  # the walk went somewhere: from noise to near mu
+    x0 = 0.1 + 0.2 * torch.randn(6, 1, 8, 8)  # and the perfect student's loss is 0 at every step
+    for i in range(steps):
+        losses = objective.loss(PerfectStudent(objective), x0, torch.full((6,), i), torch.randn_like(x0))
+        assert losses.max() < 1e-6
+
+
+def test_a_guided_teacher_teaches_its_guided_prediction(tiny_config):
+    teacher = UNet(replace(tiny_config, num_classes=10)).eval()
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    d = Diffusion(DiffusionConfig(20))
+    objective = distill.Distillation(teacher, d, Diffusion(DiffusionConfig(20, prediction="v")), 4, guidance=2.0)
+    x, i, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 3]), torch.tensor([1, 5, 10])
+    plain = distill.Distillation(sample.guided(teacher, y, 2.0), d, objective.diffusion, 4)
+    assert_close(objective.target(x, i, y), plain.target(x, i))
+    unguided = distill.Distillation(sample.guided(teacher, y, 0.0), d, objective.diffusion, 4)
+    assert not torch.allclose(objective.target(x, i, y), unguided.target(x, i))
+
+
+def distil(cli, teacher, *args):
+    return distill.main([str(a) for a in ["--teacher", teacher, "--teacher-steps", 8, "--to-steps", 2,
+                                          "--round-steps", 6, "--warmup-steps", 0, "--batch-size", 8, "--lr", 1e-3,
+                                          "--checkpoint-every", 2, "--precision", "fp32", "--data-dir", cli.data,
+                                          "--checkpoint-dir", cli.ckpt, "--output-dir", cli.out, "--sample-n", 0,
+                                          *args]])
+
+
+def test_a_round_lowers_the_loss_and_its_student_takes_exactly_its_steps(cli, good_checkpoint, capsys):
+    distil(cli, good_checkpoint, "--to-steps", 4, "--round-steps", 30)
+    student_ckpt = load_checkpoint(cli.ckpt / "4-steps")
+    record = student_ckpt["distillation"]
+    assert record["steps"] == 4 and record["round"] == 1 and record["source"]["checkpoint"] == str(good_checkpoint)
+    teacher, teacher_diffusion = build_teacher(student_ckpt)
+    original, _ = build_model(load_checkpoint(good_checkpoint))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), original.state_dict().values()))
+    student, diffusion = build_model(student_ckpt)
+    objective = distill.Distillation(teacher, teacher_diffusion, diffusion, 4)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.rand(64, 1, 28, 28, generator=g) * 2 - 1, torch.randn(64, 1, 28, 28, generator=g)
+    i = torch.arange(64) % 4
+    with torch.no_grad():
+        before, after = (objective.loss(m, x0, i, noise).mean() for m in (original, student))
+    assert after < 0.9 * before, (before, after)  # the same examples, t and noise: no sampling noise
+    calls = []
+    student.register_forward_hook(lambda *_: calls.append(1))
+    images = sample.generate(student, diffusion, 5, sampler="ddim", steps=4, eta=0.0, spacing="even", progress=False)
+    assert len(calls) == 4 and images.shape == (5, 1, 28, 28)
+    assert "4-step student trained" in capsys.readouterr().out
+
+
+def tensors(folder):
+    ckpt = load_checkpoint(folder)
+    flat = {f"model.{k}": v for k, v in ckpt["model"].items()} | {f"ema.{k}": v for k, v in ckpt["ema"].items()}
+    for key, state in ckpt["optimizer"]["state"].items():
+        flat |= {f"adam.{key}.{k}": v for k, v in state.items()}
+    return ckpt["step"], flat, ckpt["history"]
+
+
+def test_resume_inside_either_round_is_bitwise_equal_to_an_unbroken_run(cli, good_checkpoint, tmp_path):
+    resume = ["--resume", str(cli.ckpt), "--data-dir", str(cli.data), "--sample-n", "0", "--output-dir", str(cli.out)]
+    distil(cli, good_checkpoint, "--max-steps", 3)  # stops in round 1 (the 4-step student) at step 3
+    assert load_checkpoint(cli.ckpt / "4-steps")["step"] == 3 and not (cli.ckpt / "2-steps").exists()
+    distill.main([*resume, "--max-steps", "5"])  # round 1's last 3 steps, then round 2 stops at step 2
+    assert load_checkpoint(cli.ckpt / "2-steps")["step"] == 2
+    distill.main(resume)
+    resumed = cli.ckpt
+    cli.ckpt = tmp_path / "unbroken"
+    distil(cli, good_checkpoint)
+    for n in ("4-steps", "2-steps"):
+        (step_a, a, history_a), (step_b, b, history_b) = tensors(resumed / n), tensors(cli.ckpt / n)
+        assert step_a == step_b == 6 and history_a == history_b and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_sample_and_evaluate_use_the_students_own_sampler_and_refuse_others(cli, good_checkpoint, fails, capsys):
+    distil(cli, good_checkpoint, "--to-steps", 4)
+    sample.main([str(a) for a in ["--checkpoint", cli.ckpt / "4-steps", "--n", "3", "--output-dir", cli.out]])
+    assert "ddim sampler, 4 steps, eta 0, even grid" in capsys.readouterr().out
+    student = cli.ckpt / "4-steps"
+    assert "distilled for 4 steps" in fails(sample, ["--checkpoint", student, "--steps", "8"])
+    assert "drop --sampler" in fails(sample, ["--checkpoint", student, "--sampler", "ddpm"])
+    assert "distill.py --resume" in fails(train, ["--resume", student])
+
+
+def test_bad_requests_are_refused_in_one_line_and_leave_the_folder_as_it_was(cli, good_checkpoint, fails):
+    assert "not reached by halving" in fails(distill, ["--teacher", good_checkpoint, "--to-steps", "3",
+                                                       "--teacher-steps", "8", "--checkpoint-dir", cli.ckpt])
+    assert "has only 20 timesteps" in fails(distill, ["--teacher", good_checkpoint, "--checkpoint-dir", cli.ckpt])
+    assert "does not exist" in fails(distill, ["--teacher", cli.data / "none", "--checkpoint-dir", cli.ckpt])
+    distil(cli, good_checkpoint, "--to-steps", 4)
+    before = {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")}
+    common = ["--teacher", good_checkpoint, "--teacher-steps", "8", "--checkpoint-dir", cli.ckpt]
+    assert "already holds a distillation" in fails(distill, common)
+    assert "is a distilled student" in fails(distill, [*common[2:], "--teacher", cli.ckpt / "4-steps",
+                                                       "--overwrite"])
+    assert "drop --lr" in fails(distill, ["--resume", cli.ckpt, "--lr", "1"])
+    assert "--guidance applies to class-conditional" in fails(distill, [*common, "--overwrite", "--guidance", "1"])
+    assert {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")} == before
+
+
+def test_evaluate_scores_a_student_with_its_own_sampler_alone_or_beside_its_teacher():
+    import evaluate
+    student = {"steps": 4, "guidance": 0.0}
+    parse = evaluate.build_parser().parse_args
+    expected = {"sampler": "ddim", "steps": 4, "eta": 0.0, "spacing": "even"}
+    assert evaluate.plan(parse([]), 1000, False, True, student) == [("ema", expected, 0.0)]
+    assert evaluate.plan(parse(["--sweep"]), 1000, False, False, student) == [("ema", expected, 0.0)]
+    with pytest.raises(UserError, match="distilled for 4 steps"):
+        evaluate.plan(parse(["--steps", "8"]), 1000, False, True, student)
+    with pytest.raises(UserError, match="drop --guidance"):
+        evaluate.plan(parse(["--guidance", "1"]), 1000, True, True, student)
