@@ -26,7 +26,7 @@ VERSION = 5  # bumped whenever what a checkpoint holds changes; _upgrade() reads
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
-DISTILLED = ("steps", "round", "from_steps", "guidance", "source", "teacher")  # a distilled student's record
+DISTILLED = ("steps", "round", "from_steps", "to_steps", "guidance", "source", "teacher")  # a distilled student's record
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 
@@ -172,7 +172,9 @@ def _upgrade(ckpt, path):
             "steps": 0, "lr_schedule": "constant", "ema_power": 8.0, "memory_format": "contiguous", **config["train"]}}}
     if ckpt["version"] == 4:  # 5 added distilled students; every earlier checkpoint is a model trained as usual
         ckpt = {**ckpt, "version": 5, "distillation": None}
-    distilled = ckpt.get("distillation")
+    if "distillation" not in ckpt:
+        raise Damaged(f"checkpoint {path} (version 5) is incomplete: it lacks its distillation record")
+    distilled = ckpt["distillation"]
     if distilled is not None and not (isinstance(distilled, dict) and all(k in distilled for k in DISTILLED)):
         raise Damaged(f"checkpoint {path} is damaged: its distillation record lacks some of {', '.join(DISTILLED)}")
     return ckpt

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, locked, make_checkpoint, open_checkpoint,
-                        save_checkpoint, teacher_checkpoint)
+                        save_checkpoint, take_folder, teacher_checkpoint)
 from cli import (GUIDANCE, ArgumentParser, check, check_writable, describe, fastest_settings, pick_device,
                  run_command, sampler_settings)
 from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
@@ -43,7 +43,7 @@ class Distillation:
 
     def __init__(self, teacher, teacher_diffusion, diffusion, steps, guidance=0.0):
         self.teacher, self.teacher_diffusion, self.diffusion = teacher, teacher_diffusion, diffusion
-        self.timesteps, self.guidance = steps, guidance
+        self.timesteps, self.guidance = steps, guidance  # timesteps: what train() draws t below, the student's steps
         grid = even_timesteps(diffusion.timesteps, 2 * steps)  # the teacher's: twice as fine, then clean data
         self.grid = torch.cat([grid, grid.new_tensor([-1])]).to(diffusion.alphas_cumprod.device)
 
@@ -97,21 +97,24 @@ def saved_rounds(folder):
     return found
 
 
-def distil_round(n, teacher, teacher_diffusion, record, cfg, images, labels, device, folder, saved=None):
-    """Train the student that takes n steps (from `saved`, a checkpoint of this round, if given), saving it in
-    folder: train.train() with the Distillation loss. Returns why it stopped early, or None."""
-    student = replace(teacher_diffusion.config, prediction="v")
-    model, ema, diffusion, optimizer, state = setup(teacher.config, student, cfg, device, saved)
-    if saved is None:  # theta <- eta: the student starts where its teacher is
+def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, device, folder, saved=None):
+    """Train the student that takes n steps (from `saved`, (a checkpoint of this round, its file), if given),
+    saving it in folder: train.train() with the Distillation loss. Returns why it stopped early, or None."""
+    variance = teacher_diffusion.config.variance  # the student's loss is the Distillation's: keep no other
+    student = replace(teacher_diffusion.config, prediction="v", min_snr_gamma=0.0,
+                      loss="hybrid" if variance == "learned" else "simple")
+    ckpt, file = saved or (None, None)
+    model, ema, diffusion, optimizer, state = setup(teacher.config, student, cfg, device, ckpt)
+    if ckpt is None:  # theta <- eta: the student starts where its teacher is
         model.load_state_dict(teacher.state_dict())
-    objective = Distillation(teacher, teacher_diffusion, diffusion, n, record["guidance"])
+    # Only the trained model is guided: every later teacher is a student that has learned the guided prediction.
+    objective = Distillation(teacher, teacher_diffusion, diffusion, n, record["guidance"] * (record["round"] == 1))
     record = {**record, "steps": n, "teacher": teacher_checkpoint(teacher, teacher_diffusion)}
 
     def save():
         save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg.recipe(), state, 1, record), folder)
 
-    for leftover in folder.glob(".ckpt*.tmp"):  # of a run killed while saving; we hold the lock
-        leftover.unlink()
+    take_folder(folder, folder if ckpt else None, file, overwrite=False)  # leftovers; a damaged ckpt.pt aside
     return train(model, ema, objective, optimizer, images, cfg, device, state, save, labels)
 
 
@@ -152,11 +155,14 @@ def settings_from(args, found, device):
                          f"{', '.join(given)}")
         check(found, f"--resume {args.resume}: no distilled student there to continue; start one with "
                      f"`python distill.py --checkpoint-dir {args.resume}`")
-        first, _ = found[max(found)]
+        (first, file), (last, _) = found[max(found)], found[min(found)]
+        check(first["distillation"]["round"] == 1, f"{file} is from round {first['distillation']['round']}, and the "
+                                                   f"first round's folder is missing: cannot continue without it")
         record = {k: v for k, v in first["distillation"].items() if k != "teacher"}
         teacher, teacher_diffusion = build_teacher(first, device)  # the first round's: the trained model
         cfg = TrainConfig(**first["config"]["train"])
-        return teacher, teacher_diffusion, record, cfg, record["to_steps"] if args.to_steps is None else args.to_steps
+        to_steps = last["distillation"]["to_steps"] if args.to_steps is None else args.to_steps  # the latest aim
+        return teacher, teacher_diffusion, record, cfg, to_steps
     check(not found or args.overwrite, f"{args.checkpoint_dir}/ already holds a distillation "
           f"({', '.join(ROUND.format(n) for n in sorted(found, reverse=True))}): continue it with --resume "
           f"{args.checkpoint_dir}, replace it with --overwrite, or choose another --checkpoint-dir")
@@ -195,16 +201,16 @@ def run(args):
           "--resume continues the distillation where it is saved: drop --checkpoint-dir")
     device = pick_device(args.device)
     args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
-    found = saved_rounds(args.checkpoint_dir) if args.checkpoint_dir.is_dir() else {}
-    teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
-    first_steps = record["from_steps"]
-    check(to_steps >= 1 and first_steps > to_steps and first_steps % to_steps == 0
-          and (first_steps // to_steps) & (first_steps // to_steps - 1) == 0,
-          f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} steps: give a power of "
-          f"two below it, such as --teacher-steps 64 --to-steps 4")
     ckpt_dir, out = check_writable(args.checkpoint_dir, "--checkpoint-dir"), check_writable(args.output_dir,
                                                                                             "--output-dir")
-    with locked(ckpt_dir):
+    with locked(ckpt_dir):  # from here on no other run changes what is in it
+        found = saved_rounds(ckpt_dir)
+        teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
+        first_steps = record["from_steps"]
+        check(to_steps >= 1 and first_steps > to_steps and first_steps % to_steps == 0
+              and (first_steps // to_steps) & (first_steps // to_steps - 1) == 0,
+              f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} steps: give a "
+              f"power of two below it, such as --teacher-steps 64 --to-steps 4")
         prepare_fashion_mnist(args.data_dir)
         images, labels = load_fashion_mnist(args.data_dir)
         check(cfg.batch_size <= len(images), f"--batch-size {cfg.batch_size} is larger than the {len(images)} "
@@ -217,28 +223,28 @@ def run(args):
         print(f"distilling {record['source']['checkpoint']} (step {record['source']['step']}): "
               f"{' -> '.join(str(n) for n in [first_steps, *halvings(first_steps, to_steps)])} steps, {cfg.steps} "
               f"optimizer steps a round, batch {cfg.batch_size}, lr {cfg.lr:g} ({cfg.precision}), on {device}")
-        rounds = [(r, n, ckpt_dir / ROUND.format(n), found.get(n, (None,))[0])
+        rounds = [(r, n, ckpt_dir / ROUND.format(n), found.get(n))
                   for r, n in enumerate(halvings(first_steps, to_steps), 1)]
-        if distil_rounds(rounds, teacher, teacher_diffusion, {**record, "to_steps": to_steps}, cfg,
+        if distill_rounds(rounds, teacher, teacher_diffusion, {**record, "to_steps": to_steps}, cfg,
                          images.to(device), labels.to(device), device, out, args.sample_n, args.max_steps or math.inf):
             save_students(ckpt_dir, out / "students.png", device, cfg.seed)
         else:
             print(f"to continue: python distill.py --resume {ckpt_dir}")
 
 
-def distil_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labels, device, out, sample_n, budget):
-    """Train each round [(round, student steps, folder, its checkpoint or None)] not yet finished, each student
+def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labels, device, out, sample_n, budget):
+    """Train each round [(round, student steps, folder, (its checkpoint, file) or None)] not yet finished, each student
     teaching the next, and draw each new student's samples. budget: the optimizer steps this command may take.
     Returns whether every round is finished."""
     for r, n, folder, saved in rounds:
-        if saved is not None and saved["step"] >= cfg.steps:  # a finished round: its student teaches the next
-            teacher, teacher_diffusion = build_model(saved, device)
+        if saved is not None and saved[0]["step"] >= cfg.steps:  # a finished round: its student teaches the next
+            teacher, teacher_diffusion = build_model(saved[0], device)
             continue
         if saved is not None:  # a round cut short: resumed against the teacher it kept
-            teacher, teacher_diffusion = build_teacher(saved, device)
-        start, started = saved["step"] if saved else 0, time.time()
+            teacher, teacher_diffusion = build_teacher(saved[0], device)
+        start, started = saved[0]["step"] if saved else 0, time.time()
         limit = replace(cfg, max_steps=start + budget if math.isfinite(budget) else 0)
-        stopped = distil_round(n, teacher, teacher_diffusion, {**record, "round": r}, limit, images, labels, device,
+        stopped = distill_round(n, teacher, teacher_diffusion, {**record, "round": r}, limit, images, labels, device,
                                folder, saved)
         ckpt, _ = open_checkpoint(folder)
         budget -= ckpt["step"] - start

@@ -275,6 +275,8 @@ def likelihood(args, ckpt, device):
                 if getattr(args, k) not in (None, False)]
     check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop {', '.join(sampling)}")
     check(args.bpd_exact >= 0, f"--bpd-exact must be 0 (skip) or more, got {args.bpd_exact}")
+    check(ckpt["distillation"] is None, "--bpd: a distilled student has learned its own few steps, not the "
+                                        "reverse process the bound is made of; score its teacher")
     out = check_writable(args.output_dir, "--output-dir")
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
     x = to_model_range(load_fashion_mnist(args.data_dir, False)[0])
@@ -350,7 +352,9 @@ def run(args):
                           guidance=guidance, callback=lambda i, t, x, x0: steps_seen.add(i), **settings)
         seconds = time.perf_counter() - started
         eta = f" eta={settings['eta']:g}" if "eta" in settings else ""
-        name = (f"{settings['sampler']}-{settings['steps']}{eta}{' student' * ('spacing' in settings)} {weights}"
+        learned = ckpts[path]["distillation"]  # a student samples with the guidance it learned
+        guidance = learned["guidance"] if learned else guidance
+        name = (f"{settings['sampler']}-{settings['steps']}{eta}{' student' * bool(learned)} {weights}"
                 + (f" w={guidance:g}" if conditional else ""))
         name = f"{path} {name}" if len(ckpts) > 1 else name
         row = {"name": name, "checkpoint": path, **settings, "weights": weights, "guidance": guidance, "nfe": len(steps_seen),

@@ -182,3 +182,20 @@ def test_evaluate_scores_a_student_with_its_own_sampler_alone_or_beside_its_teac
         evaluate.plan(parse(["--steps", "8"]), 1000, False, True, student)
     with pytest.raises(UserError, match="drop --guidance"):
         evaluate.plan(parse(["--guidance", "1"]), 1000, True, True, student)
+
+
+def test_only_the_trained_model_is_guided_later_teachers_have_learned_it(cli, tiny_config, tmp_path, monkeypatch):
+    from checkpoint import make_checkpoint, save_checkpoint
+    from config import TrainConfig
+    cfg = TrainConfig(batch_size=8)
+    model, ema, d, opt, state = train.setup(replace(tiny_config, num_classes=10), DiffusionConfig(20), cfg,
+                                            torch.device("cpu"))
+    ema.update_parameters(model)
+    save_checkpoint(make_checkpoint(model, ema, d, opt, cfg.recipe(), state, 1), tmp_path / "teacher")
+    scales = []
+    real = distill.Distillation
+    monkeypatch.setattr(distill, "Distillation", lambda *a: scales.append(a[-1]) or real(*a))
+    distil(cli, tmp_path / "teacher", "--guidance", 1.5, "--round-steps", 2)
+    assert scales == [1.5, 0.0]
+    students = [load_checkpoint(cli.ckpt / n)["distillation"] for n in ("4-steps", "2-steps")]
+    assert [s["guidance"] for s in students] == [1.5, 1.5] and [s["round"] for s in students] == [1, 2]
