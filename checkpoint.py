@@ -26,7 +26,7 @@ VERSION = 5  # bumped whenever what a checkpoint holds changes; _upgrade() reads
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
-DISTILLED = ("steps", "round", "from_steps", "to_steps", "guidance", "source", "teacher")  # a distilled student's record
+DISTILLED = ("steps", "round", "from_steps", "to_steps", "guidance", "source", "teacher")  # a student's record
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 
