@@ -17,7 +17,7 @@ from tqdm import tqdm
 DEFAULT_SAMPLER = "dpm++"
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++": 20}  # None: all T
 DEFAULT_ETA = {"ddim": 0.0, "dpm++": 1.0}
-GUIDANCE = 2.0  # default classifier-free guidance scale for conditional models (README, "Guidance")
+GUIDANCE = 0.5  # default classifier-free guidance scale for conditional models (README, "Classes on request")
 
 
 class UserError(Exception):
@@ -171,7 +171,7 @@ def autocast_for(device, precision):
 
 def fastest_settings(device, precision="auto"):
     """What "auto" picks for training's precision, and then its memory format, on this device (README, "Speed").
-    A CPU with bf16 instructions (AVX512-BF16 or AMX) trains 1.65-1.85x faster in bf16 autocast; channels_last
+    A CPU with bf16 instructions (AVX512-BF16 or AMX) trains 1.6-1.85x faster in bf16 autocast; channels_last
     adds 5-13% in fp32 on a CPU but cost 25% with bf16 on the Intel Xeon. A GPU keeps fp32 and contiguous: bf16
     and channels_last both measured slower on the H100."""
     if device.type != "cpu":

@@ -255,7 +255,8 @@ def build_parser():
     a("--conditional", action=argparse.BooleanOptionalAction, help="class-conditional model, for guidance (preset)")
     a("--cond-drop", type=float, help="conditional models: share of labels dropped to 'no class' (0.1)")
     a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to sample (0.999)")
-    a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: shorter average (8)")
+    a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: shorter average "
+                                      "(cpu preset: 4; gpu: 8)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")

@@ -168,13 +168,13 @@ def test_auto_picks_bf16_where_the_cpu_has_it_and_stores_the_choice(monkeypatch,
 
 def test_the_cpu_preset_is_the_measured_recipe_and_epochs_replace_its_steps():
     _, diffusion, cfg, _ = resolve_configs(parse("--preset", "cpu"), CPU)
-    assert (cfg.steps, cfg.lr_schedule, cfg.batch_size, cfg.lr) == (5500, "cosine", 64, 1e-3)
+    assert (cfg.steps, cfg.lr_schedule, cfg.batch_size, cfg.lr, cfg.ema_power) == (5500, "cosine", 64, 1e-3, 4.0)
     assert (diffusion.schedule, diffusion.prediction, diffusion.timesteps) == ("cosine", "eps", 1000)
     assert cfg.total_steps(937) == 5500 and cfg.warmup_steps < 5500
     _, _, cfg, _ = resolve_configs(parse("--preset", "cpu", "--epochs", "3"), CPU)
     assert cfg.steps == 0 and cfg.total_steps(937) == 3 * 937  # the flag given decides the length, not the preset
     _, _, cfg, _ = resolve_configs(parse("--preset", "gpu"), CPU)
-    assert cfg.steps == 0 and cfg.total_steps(468) == 40 * 468
+    assert cfg.steps == 0 and cfg.total_steps(468) == 40 * 468 and cfg.ema_power == 8.0
 
 
 @pytest.mark.slow

@@ -158,7 +158,7 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_ru
 
 def test_save_keeps_the_previous_checkpoint(tmp_path):
     minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "ema_updates": 0, "optimizer": {},
-               "config": {"model": {}, "diffusion": {}}, "epoch": 0, "history": []}
+               "config": {"model": {}, "diffusion": {}}, "epoch": 0, "history": [], "distillation": None}
     save_checkpoint({**minimal, "step": 1}, tmp_path)
     save_checkpoint({**minimal, "step": 2}, tmp_path)
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
