@@ -103,8 +103,7 @@ def resolve_configs(args, device, saved=None):
             base["steps"] = 0
     merged = {**base, **given}
     merged["learned_variance"] = merged["variance"] == "learned"  # the network's extra output channels
-    for key, value in fastest_settings(device, merged["precision"]).items():  # "auto": this device's fastest,
-        merged[key] = value if merged[key] == "auto" else merged[key]           # stored as what it chose
+    merged.update(fastest_settings(device, merged["precision"], merged["memory_format"]))  # "auto" stored as chosen
     pick = lambda cls: cls(**{f.name: merged[f.name] for f in fields(cls)})
     try:
         return pick(UNetConfig), pick(DiffusionConfig), pick(TrainConfig), note

@@ -179,11 +179,10 @@ def settings_from(args, found, device):
     record = {"round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
               "guidance": (GUIDANCE if args.guidance is None else args.guidance) if conditional else 0.0,
               "source": {"checkpoint": str(file), "step": ckpt["step"]}}
-    chosen = fastest_settings(device, args.precision or "auto")
-    memory_format = args.memory_format if args.memory_format not in (None, "auto") else chosen["memory_format"]
+    chosen = fastest_settings(device, args.precision or "auto", args.memory_format or "auto")
     values = dict(steps=flag["round_steps"], batch_size=flag["batch_size"], lr=flag["lr"], lr_schedule="linear",
                   warmup_steps=flag["warmup_steps"], seed=flag["seed"], precision=chosen["precision"],
-                  memory_format=memory_format, checkpoint_every=flag["checkpoint_every"])
+                  memory_format=chosen["memory_format"], checkpoint_every=flag["checkpoint_every"])
     for name in ("steps", "batch_size", "lr", "checkpoint_every"):
         check(values[name] > 0, f"--{'round-steps' if name == 'steps' else name.replace('_', '-')} must be positive, "
                                 f"got {values[name]}")
