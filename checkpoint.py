@@ -13,6 +13,7 @@ import torch
 
 from cli import UserError, WriteError, first_line
 from diffusion import Diffusion, DiffusionConfig
+from samplers import DISTILLED_SAMPLER
 from unet import UNet, UNetConfig
 
 try:
@@ -22,11 +23,11 @@ except ImportError:  # Windows
     import msvcrt
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 5  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 6  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
-DISTILLED = ("steps", "round", "from_steps", "to_steps", "guidance", "source", "teacher")  # a student's record
+DISTILLED = ("steps", "sampler", "round", "from_steps", "to_steps", "guidance", "source", "teacher")  # a student's
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 
@@ -79,7 +80,8 @@ def make_checkpoint(model, ema, diffusion, optimizer, train_config, state, world
     """Everything needed to rebuild the model (configs as plain types) and to resume exactly.
 
     Random draws need no saved state: train.py derives each step's from (seed, step, rank). distillation:
-    a distilled student's record (distill.py): its step count, its round, and its teacher, weights included.
+    a distilled student's record (distill.py): its step count, its sampler, its round, and its teacher, weights
+    included.
     """
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
@@ -173,8 +175,12 @@ def _upgrade(ckpt, path):
     if ckpt["version"] == 4:  # 5 added distilled students; every earlier checkpoint is a model trained as usual
         ckpt = {**ckpt, "version": 5, "distillation": None}
     if "distillation" not in ckpt:
-        raise Damaged(f"checkpoint {path} (version 5) is incomplete: it lacks its distillation record")
+        raise Damaged(f"checkpoint {path} (version {ckpt['version']}) is incomplete: it lacks its distillation "
+                      f"record")
     distilled = ckpt["distillation"]
+    if ckpt["version"] == 5:  # 6 records a student's sampler; every version-5 student sampled with this one
+        distilled = {"sampler": DISTILLED_SAMPLER, **distilled} if isinstance(distilled, dict) else distilled
+        ckpt = {**ckpt, "version": 6, "distillation": distilled}
     if distilled is not None and not (isinstance(distilled, dict) and all(k in distilled for k in DISTILLED)):
         raise Damaged(f"checkpoint {path} is damaged: its distillation record lacks some of {', '.join(DISTILLED)}")
     return ckpt

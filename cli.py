@@ -221,12 +221,12 @@ def sampler_settings(sampler, timesteps, steps=None, eta=None, distilled=None):
     """{sampler, steps, eta[, spacing]} for sample.generate(), with the sampler's defaults for what is None.
     distilled: a distilled checkpoint's record (distill.py), whose student samples only as it was distilled to."""
     if distilled is not None:
-        n = distilled["steps"]
+        n, own = distilled["steps"], {**distilled["sampler"], "steps": distilled["steps"]}
         check(sampler is None and eta is None, f"this checkpoint is a student distilled to sample in {n} steps "
-                                               f"with its own sampler (ddim, eta 0, even grid): drop --sampler, --eta")
+                                               f"with its own sampler ({describe(own)}): drop --sampler, --eta")
         check(steps in (None, n), f"this student was distilled for {n} steps and cannot take {steps}: other counts lie "
                                   f"off the grid it learned; drop --steps, or take the student for {steps} beside it")
-        return {"sampler": "ddim", "steps": n, "eta": 0.0, "spacing": "even"}
+        return own
     sampler = sampler or DEFAULT_SAMPLER
     check(eta is None or sampler in DEFAULT_ETA, f"--eta applies to ddim and dpm++, not {sampler}")
     check(eta is None or 0 <= eta <= 1, f"--eta must be between 0 (deterministic, ODE) and 1 (ancestral, SDE), "

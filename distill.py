@@ -20,7 +20,7 @@ from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
 from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
 from figures import save_labelled
 from sample import draw_pictures, generate
-from samplers import ddim_step, distillation_target, even_timesteps, guided
+from samplers import DISTILLED_SAMPLER, ddim_step, distillation_target, even_timesteps, guided
 from train import setup, train
 
 ROUND = "{}-steps"  # the folder, under --checkpoint-dir, of the student that samples in that many steps
@@ -176,7 +176,7 @@ def settings_from(args, found, device):
     check(args.guidance is None or args.guidance >= 0, f"--guidance must be 0 or more, got {args.guidance}")
     flag = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in DEFAULTS.items()}
     first_steps = flag["teacher_steps"]
-    record = {"round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
+    record = {"sampler": DISTILLED_SAMPLER, "round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
               "guidance": (GUIDANCE if args.guidance is None else args.guidance) if conditional else 0.0,
               "source": {"checkpoint": str(file), "step": ckpt["step"]}}
     chosen = fastest_settings(device, args.precision or "auto", args.memory_format or "auto")
@@ -198,6 +198,10 @@ def run(args):
     check(args.max_steps is None or args.max_steps >= 0, f"--max-steps cannot be negative, got {args.max_steps}")
     check(not (args.resume and args.checkpoint_dir and Path(args.resume) != Path(args.checkpoint_dir)),
           "--resume continues the distillation where it is saved: drop --checkpoint-dir")
+    where = Path(args.resume or ".")  # checked before check_writable() below makes the folder
+    check(where.is_dir(), f"--resume {where}: no such folder; give the --checkpoint-dir of a distillation")
+    check(not any((where / name).is_file() for name in CHECKPOINT_NAMES), f"--resume {where} holds one round's "
+          f"student: give the folder above it, --resume {where.parent}")
     device = pick_device(args.device)
     args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
     ckpt_dir, out = check_writable(args.checkpoint_dir, "--checkpoint-dir"), check_writable(args.output_dir,
@@ -257,7 +261,7 @@ def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labe
         if sample_n:
             settings = sampler_settings(None, teacher_diffusion.timesteps, distilled=ckpt["distillation"])
             where = check_writable(out / folder.name, "--output-dir")
-            draw_pictures(teacher, teacher_diffusion, sample_n, where, cfg.seed, guidance=0.0, **settings)
+            draw_pictures(teacher, teacher_diffusion, sample_n, where, cfg.seed, learned=record["guidance"], **settings)
             print(f"wrote {where / 'samples.png'} ({describe(settings)})")
         if budget <= 0 and rounds[-1][0] != r:  # the budget ran out with this round
             print(f"stopped after round {r} by --max-steps")

@@ -323,6 +323,8 @@ def run(args):
     kinds = {ckpt["config"]["model"].get("num_classes", 0) > 0 for ckpt in ckpts.values()}
     check(len(kinds) == 1, "--sweep compares checkpoints of one kind: all class-conditional, or none")
     conditional = kinds.pop()
+    check(not (args.grid and all(ckpt["distillation"] for ckpt in ckpts.values())), "--grid lists a teacher's "
+          "samplers, and students sample with their own: add the teacher's checkpoint, or drop --grid")
     runs = [(path, *entry) for path, ckpt in ckpts.items()
             for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional, len(ckpts) == 1,
                               ckpt["distillation"])]

@@ -52,9 +52,11 @@ def generate(model, diffusion, n, seed=0, sampler="ddpm", steps=None, batch_size
     return torch.cat(out)
 
 
-def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, **kw):
+def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, learned=None, **kw):
     """The standard pictures: n images in out/samples.png. A conditional model given no label draws
-    ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row per class."""
+    ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row per class.
+    learned: a distilled student's guidance scale, which it applies itself: none is added to it."""
+    guidance = 0.0 if learned is not None else guidance
     labels, per_class = None, None
     if model.config.num_classes and label is not None:
         labels = torch.full((n,), label)
@@ -66,7 +68,8 @@ def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANC
     save_grid(images, out / "samples.png", nrow=per_class or 8)
     if per_class:
         save_labelled(list(zip(CLASSES, images.split(per_class))), out / "samples_by_class.png",
-                      f"One row per class, guidance w = {guidance}", rows=True)
+                      f"One row per class, {'a student distilled at ' * (learned is not None)}guidance "
+                      f"w = {guidance if learned is None else learned:g}", rows=True)
     return images
 
 
@@ -129,9 +132,10 @@ def run(args):
         if args.trajectory and len(snapshots) < len(marks) and i in marks:
             snapshots.append((f"t = {t}", x[:keep].cpu()))
 
-    guidance = 0.0 if distilled else GUIDANCE if args.guidance is None else args.guidance
+    guidance = GUIDANCE if args.guidance is None else args.guidance
     images = draw_pictures(model, diffusion, args.n, out, args.seed, label, guidance,
-                           batch_size=args.batch_size, callback=record, **settings)
+                           distilled["guidance"] if distilled else None, batch_size=args.batch_size,
+                           callback=record, **settings)
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if conditional and label is None else ""))
     if args.trajectory:
         save_labelled(snapshots, out / "denoising.png",

@@ -138,6 +138,11 @@ def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callbac
     return x
 
 
+# What a progressive-distillation student samples with, recorded in its checkpoint: its teacher's sampler,
+# deterministic DDIM on the even grid (Salimans & Ho 2022, Algorithm 2), in the student's own steps.
+DISTILLED_SAMPLER = {"sampler": "ddim", "eta": 0.0, "spacing": "even"}
+
+
 def ddim_step(x, x0, abar_t, abar_s):
     """One deterministic DDIM step from x_t to x_s given the model's x_0 (eq. 12 of Song et al. 2021, sigma = 0):
     x_s = alpha_s x_0 + (sigma_s / sigma_t) (x_t - alpha_t x_0), with alpha^2 = abar, sigma^2 = 1 - abar."""

@@ -6,13 +6,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import checkpoint
 import distill
+import evaluate
 import sample
 import train
 from checkpoint import build_model, build_teacher, load_checkpoint
-from cli import UserError
+from cli import UserError, sampler_settings
 from diffusion import Diffusion, DiffusionConfig
-from samplers import even_timesteps, sample_ddim
+from samplers import DISTILLED_SAMPLER, even_timesteps, sample_ddim
 from unet import UNet
 
 
@@ -153,6 +155,18 @@ def test_sample_and_evaluate_use_the_students_own_sampler_and_refuse_others(cli,
     assert "distilled for 4 steps" in fails(sample, ["--checkpoint", student, "--steps", "8"])
     assert "drop --sampler" in fails(sample, ["--checkpoint", student, "--sampler", "ddpm"])
     assert "distill.py --resume" in fails(train, ["--resume", student])
+    assert "drop --grid" in fails(evaluate, ["--sweep", "--checkpoint", student, "--grid", "ddim:4"])
+
+
+def test_a_student_records_its_sampler_and_a_version_5_student_reads_as_the_one_it_used(cli, good_checkpoint):
+    distil(cli, good_checkpoint, "--to-steps", 4)
+    ckpt = load_checkpoint(cli.ckpt / "4-steps")
+    assert ckpt["version"] == checkpoint.VERSION and ckpt["distillation"]["sampler"] == DISTILLED_SAMPLER
+    old = {**ckpt, "version": 5, "distillation": {k: v for k, v in ckpt["distillation"].items() if k != "sampler"}}
+    torch.save(old, cli.out / "v5.pt")
+    upgraded = load_checkpoint(cli.out / "v5.pt")["distillation"]
+    assert upgraded["sampler"] == DISTILLED_SAMPLER and upgraded.keys() == ckpt["distillation"].keys()
+    assert sampler_settings(None, 20, distilled=ckpt["distillation"]) == {**DISTILLED_SAMPLER, "steps": 4}
 
 
 def test_bad_requests_are_refused_in_one_line_and_leave_the_folder_as_it_was(cli, good_checkpoint, fails):
@@ -160,6 +174,7 @@ def test_bad_requests_are_refused_in_one_line_and_leave_the_folder_as_it_was(cli
                                                        "--teacher-steps", "8", "--checkpoint-dir", cli.ckpt])
     assert "has only 20 timesteps" in fails(distill, ["--teacher", good_checkpoint, "--checkpoint-dir", cli.ckpt])
     assert "does not exist" in fails(distill, ["--teacher", cli.data / "none", "--checkpoint-dir", cli.ckpt])
+    assert "no such folder" in fails(distill, ["--resume", cli.data / "none"]) and not (cli.data / "none").exists()
     distil(cli, good_checkpoint, "--to-steps", 4)
     before = {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")}
     common = ["--teacher", good_checkpoint, "--teacher-steps", "8", "--checkpoint-dir", cli.ckpt]
@@ -167,13 +182,13 @@ def test_bad_requests_are_refused_in_one_line_and_leave_the_folder_as_it_was(cli
     assert "is a distilled student" in fails(distill, [*common[2:], "--teacher", cli.ckpt / "4-steps",
                                                        "--overwrite"])
     assert "drop --lr" in fails(distill, ["--resume", cli.ckpt, "--lr", "1"])
+    assert f"above it, --resume {cli.ckpt}" in fails(distill, ["--resume", cli.ckpt / "4-steps"])  # a round's folder
     assert "--guidance applies to class-conditional" in fails(distill, [*common, "--overwrite", "--guidance", "1"])
     assert {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")} == before
 
 
 def test_evaluate_scores_a_student_with_its_own_sampler_alone_or_beside_its_teacher():
-    import evaluate
-    student = {"steps": 4, "guidance": 0.0}
+    student = {"steps": 4, "sampler": DISTILLED_SAMPLER, "guidance": 0.0}
     parse = evaluate.build_parser().parse_args
     expected = {"sampler": "ddim", "steps": 4, "eta": 0.0, "spacing": "even"}
     assert evaluate.plan(parse([]), 1000, False, True, student) == [("ema", expected, 0.0)]

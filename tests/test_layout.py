@@ -75,6 +75,7 @@ LAYOUTS[3] = {**LAYOUTS[2], "keys": sorted(LAYOUTS[2]["keys"] + ["timestep_histo
 LAYOUTS[4] = {**LAYOUTS[3], "TrainConfig": sorted(LAYOUTS[3]["TrainConfig"] + ["ema_power", "lr_schedule",
                                                                             "memory_format", "steps"])}
 LAYOUTS[5] = {**LAYOUTS[4], "keys": sorted(LAYOUTS[4]["keys"] + ["distillation"])}
+LAYOUTS[6] = LAYOUTS[5]  # a student's distillation record gained its sampler (test_distill.py checks the upgrade)
 
 
 def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):
