@@ -27,7 +27,8 @@ VERSION = 6  # bumped whenever what a checkpoint holds changes; _upgrade() reads
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
-DISTILLED = ("steps", "sampler", "round", "from_steps", "to_steps", "guidance", "source", "teacher")  # a student's
+# A distilled student's record (distill.py); None for every trained model.
+DISTILLED = ("steps", "sampler", "round", "from_steps", "to_steps", "guidance", "source", "teacher")
 UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
 os.umask(UMASK)
 

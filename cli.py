@@ -221,7 +221,8 @@ def sampler_settings(sampler, timesteps, steps=None, eta=None, distilled=None):
     """{sampler, steps, eta[, spacing]} for sample.generate(), with the sampler's defaults for what is None.
     distilled: a distilled checkpoint's record (distill.py), whose student samples only as it was distilled to."""
     if distilled is not None:
-        n, own = distilled["steps"], {**distilled["sampler"], "steps": distilled["steps"]}
+        n = distilled["steps"]
+        own = {**distilled["sampler"], "steps": n}
         check(sampler is None and eta is None, f"this checkpoint is a student distilled to sample in {n} steps "
                                                f"with its own sampler ({describe(own)}): drop --sampler, --eta")
         check(steps in (None, n), f"this student was distilled for {n} steps and cannot take {steps}: other counts lie "

@@ -198,10 +198,11 @@ def run(args):
     check(args.max_steps is None or args.max_steps >= 0, f"--max-steps cannot be negative, got {args.max_steps}")
     check(not (args.resume and args.checkpoint_dir and Path(args.resume) != Path(args.checkpoint_dir)),
           "--resume continues the distillation where it is saved: drop --checkpoint-dir")
-    where = Path(args.resume or ".")  # checked before check_writable() below makes the folder
-    check(where.is_dir(), f"--resume {where}: no such folder; give the --checkpoint-dir of a distillation")
-    check(not any((where / name).is_file() for name in CHECKPOINT_NAMES), f"--resume {where} holds one round's "
-          f"student: give the folder above it, --resume {where.parent}")
+    if args.resume:  # checked before check_writable() below makes the folder
+        where = Path(args.resume)
+        check(where.is_dir(), f"--resume {where}: no such folder; give the --checkpoint-dir of a distillation")
+        check(not any((where / name).is_file() for name in CHECKPOINT_NAMES), f"--resume {where} holds one round's "
+              f"student: give the folder above it, --resume {where.parent}")
     device = pick_device(args.device)
     args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
     ckpt_dir, out = check_writable(args.checkpoint_dir, "--checkpoint-dir"), check_writable(args.output_dir,

@@ -158,7 +158,11 @@ def test_sample_and_evaluate_use_the_students_own_sampler_and_refuse_others(cli,
     assert "drop --grid" in fails(evaluate, ["--sweep", "--checkpoint", student, "--grid", "ddim:4"])
 
 
-def test_a_student_records_its_sampler_and_a_version_5_student_reads_as_the_one_it_used(cli, good_checkpoint):
+def test_a_student_records_its_sampler_and_a_version_5_student_reads_as_the_one_it_used(cli, good_checkpoint,
+                                                                                         tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "ckpt.pt").write_bytes(b"")  # a file in the working folder is not a --resume
+    monkeypatch.chdir(tmp_path / "cwd")
     distil(cli, good_checkpoint, "--to-steps", 4)
     ckpt = load_checkpoint(cli.ckpt / "4-steps")
     assert ckpt["version"] == checkpoint.VERSION and ckpt["distillation"]["sampler"] == DISTILLED_SAMPLER
