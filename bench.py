@@ -16,12 +16,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-import train
-from checkpoint import atomic_write
-from cli import ArgumentParser, check, check_writable, default_batch_size, pick_device, run_command, tf32
+from cli import ArgumentParser, check, check_writable, run_command
 from config import preset_configs
+from device import default_batch_size, pick_device, tf32
 from diffusion import Diffusion, DiffusionConfig
-from sample import generate
+from files import atomic_write
+from methods import denoising
+from samplers import SamplerConfig, generate
+from training import measure_rate
 from unet import UNet
 
 
@@ -88,8 +90,9 @@ def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
 
 
 def sample_rate(model, diffusion, sampler, steps, n, precision):
+    """Images per second of generate() with this sampler (its default eta) and step count."""
     start = time.perf_counter()
-    generate(model, diffusion, n, sampler=sampler, steps=steps, progress=False, precision=precision)
+    generate(model, diffusion, n, sampler=SamplerConfig(sampler, steps), progress=False, precision=precision)
     return n / (time.perf_counter() - start)
 
 
@@ -115,47 +118,64 @@ def run(args):
     device = pick_device(args.device)
     args.sample_n = args.sample_n or default_batch_size(device)
     preset = args.preset if args.preset != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    model_cfg, diffusion_cfg, cfg = preset_configs(preset, device)
-    images = data.load_fashion_mnist(args.data_dir)[0].to(device)
-    model, diffusion = UNet(model_cfg), Diffusion(diffusion_cfg)
+    configs = preset_configs(preset, device)
+    model, diffusion = UNet(configs[0]), Diffusion(configs[1])
     train_flops, sample_flops = flops_per_image(model, diffusion)
     peak = matmul_peak(device)
-    print(f"{device} ({torch.get_num_threads()} threads), preset {preset}: {train_flops / 1e9:.2f} GFLOP per training "
-          f"image, {sample_flops / 1e9:.2f} per network evaluation; fp32 matmul peak {peak:.0f} GFLOP/s")
+    print(f"{device} ({torch.get_num_threads()} threads), preset {preset}: {train_flops / 1e9:.2f} GFLOP per "
+          f"training image, {sample_flops / 1e9:.2f} per network evaluation; fp32 matmul peak {peak:.0f} GFLOP/s")
+    rows = []
+    if "training" not in args.skip:
+        images = data.load_fashion_mnist(args.data_dir)[0].to(device)
+        rows += training_rows(args, configs, images, device, train_flops / 1e9 / peak)
+    rows += sampling_rows(args, model.to(device).eval(), diffusion.to(device), device, sample_flops / 1e9 / peak)
+    results = {"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
+               "train_flops_per_image": train_flops, "sample_flops_per_nfe": sample_flops,
+               "matmul_peak_gflops": peak, "rows": rows}
+    atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    print(f"wrote {args.json}")
 
+
+def training_rows(args, configs, images, device, share):
+    """Training images/s of the plain baseline and of the training loop in each setting. share: the
+    fraction of peak one image per second is."""
+    model_cfg, diffusion_cfg, cfg = configs
     rows = []
 
-    def report(name, rate, flops, baseline=None):
-        rows.append({"setting": name, "images_per_s": rate, "fraction_of_peak": rate * flops / 1e9 / peak,
+    def report(name, rate, baseline=None):
+        rows.append({"setting": name, "images_per_s": rate, "fraction_of_peak": rate * share,
                      "speedup": rate / baseline if baseline else None})
         extra = f"  {rate / baseline:.2f}x the plain path" if baseline else ""
-        print(f"  {name:<44}{rate:>9.1f} img/s  {rate * flops / 1e9 / peak:6.1%} of peak{extra}", flush=True)
+        print(f"  {name:<44}{rate:>9.1f} img/s  {rate * share:6.1%} of peak{extra}", flush=True)
 
-    if "training" not in args.skip:
-        print("training")
-        plain = plain_rate(model_cfg, cfg, args.data_dir, device, args.steps, args.warmup)
-        report("plain: DataLoader + transforms, fp32", plain, train_flops)
-        cuda = device.type == "cuda"
-        last = dict(memory_format="channels_last")
-        settings = [("tensor data path, fp32", dict(precision="fp32"), {}),
-                    ("tensor data path, fp32, channels_last", dict(precision="fp32", **last), {}),
-                    ("tensor data path, bf16 autocast", dict(precision="bf16"), {}),
-                    ("tensor data path, bf16, channels_last", dict(precision="bf16", **last), {})]
-        settings += [("tensor data path, fp32, TF32", dict(precision="fp32"), dict(tf32=True))] if cuda else []
-        if "compile" not in args.skip:
-            settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
-                         ("tensor data path, bf16, torch.compile", dict(precision="bf16", compile=True), {})]
-        for name, options, extra in settings:
-            warmup = args.warmup + (3 if options.get("compile") else 0)
-            with tf32(extra.pop("tf32", False)):
-                setting = replace(cfg, **{"memory_format": "contiguous", **options})  # each row names its own
-                rate = cfg.batch_size * train.measure_rate(model_cfg, diffusion_cfg, setting, images, device,
-                                                           steps=args.steps, warmup=warmup)
-            report(name, rate, train_flops, plain)
+    print("training")
+    plain = plain_rate(model_cfg, cfg, args.data_dir, device, args.steps, args.warmup)
+    report("plain: DataLoader + transforms, fp32", plain)
+    last = dict(memory_format="channels_last")
+    settings = [("tensor data path, fp32", dict(precision="fp32"), {}),
+                ("tensor data path, fp32, channels_last", dict(precision="fp32", **last), {}),
+                ("tensor data path, bf16 autocast", dict(precision="bf16"), {}),
+                ("tensor data path, bf16, channels_last", dict(precision="bf16", **last), {})]
+    if device.type == "cuda":
+        settings += [("tensor data path, fp32, TF32", dict(precision="fp32"), dict(tf32=True))]
+    if "compile" not in args.skip:
+        settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
+                     ("tensor data path, bf16, torch.compile", dict(precision="bf16", compile=True), {})]
+    for name, options, extra in settings:
+        warmup = args.warmup + (3 if options.get("compile") else 0)
+        with tf32(extra.pop("tf32", False)):
+            setting = replace(cfg, **{"memory_format": "contiguous", **options})  # each row names its own
+            scratch, _ = denoising(model_cfg, diffusion_cfg, setting, device)
+            rate = cfg.batch_size * measure_rate(scratch, images, setting, device, steps=args.steps,
+                                                 warmup=warmup)
+        report(name, rate, plain)
+    return rows
 
+
+def sampling_rows(args, model, diffusion, device, share):
+    """Sampling images/s of each sampler in fp32 and bf16, and under no_grad against inference_mode."""
+    rows = []
     print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, default_batch_size(device))})")
-    model.to(device).eval()
-    diffusion.to(device)
     grid = [("ddpm", 100), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
     if "ddpm1000" not in args.skip:
         grid.insert(0, ("ddpm", 1000))
@@ -163,7 +183,7 @@ def run(args):
         for precision in ("fp32", "bf16"):
             rate = sample_rate(model, diffusion, sampler, steps, args.sample_n, precision)
             rows.append({"setting": f"sample {sampler}-{steps} {precision}", "images_per_s": rate,
-                         "fraction_of_peak": rate * steps * sample_flops / 1e9 / peak})
+                         "fraction_of_peak": rate * steps * share})
             print(f"  {sampler + '-' + str(steps) + ' ' + precision:<44}{rate:>9.2f} img/s  "
                   f"{rows[-1]['fraction_of_peak']:6.1%} of peak", flush=True)
 
@@ -173,12 +193,7 @@ def run(args):
             rate = sample_rate(model, diffusion, "dpm++", 20, args.sample_n, "fp32")
         rows.append({"setting": f"sample dpm++-20 fp32 {mode}", "images_per_s": rate})
         print(f"  {'dpm++-20 fp32 under ' + mode:<44}{rate:>9.2f} img/s", flush=True)
-
-    results = {"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
-               "train_flops_per_image": train_flops, "sample_flops_per_nfe": sample_flops,
-               "matmul_peak_gflops": peak, "rows": rows}
-    atomic_write(args.json, lambda f: f.write(json.dumps(results, indent=2).encode()))
-    print(f"wrote {args.json}")
+    return rows
 
 
 def main(argv=None):

@@ -1,19 +1,21 @@
-"""The checkpoint file, written and read here only: its format and version, atomic writes, safe
-loading with the fallback to the previous file, rebuilding the model, and the folder's lock."""
+"""The checkpoint file, written and read here only: its format and every version of it (old ones
+upgraded through constants frozen here, never through today's defaults), safe loading with the
+fallback to the previous file, rebuilding the model, and the folder a run writes (its lock). How
+bytes reach the disk safely is files.py's."""
 import contextlib
 import os
 import pickle
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from cli import UserError, WriteError, first_line
+from cli import UserError, first_line
 from diffusion import Diffusion, DiffusionConfig
-from samplers import DISTILLED_SAMPLER
+from files import atomic_save
+from samplers import SamplerConfig
 from unet import UNet, UNetConfig
 
 try:
@@ -23,53 +25,16 @@ except ImportError:  # Windows
     import msvcrt
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 6  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 7  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
-# A distilled student's record (distill.py); None for every trained model.
-DISTILLED = ("steps", "sampler", "round", "from_steps", "to_steps", "guidance", "source", "teacher")
-UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
-os.umask(UMASK)
+# A distilled student's record (distill.py); None for every trained model. Its sampler is a
+# SamplerConfig's dict, the student's step count among it.
+DISTILLED = ("sampler", "round", "from_steps", "to_steps", "guidance", "source", "teacher")
 
 
 # ---------------------------------------------------------------------------- writing
-
-def atomic_write(path, write, previous=None):
-    """Call write(f) on a fresh temporary file beside path, sync it, and rename it over path, so that
-    a crash at any moment leaves the old file or the new one, never half of one. The file replaced is
-    moved to `previous` if given. A failure removes the temporary file and raises WriteError."""
-    path, tmp = Path(path), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A unique name: two writers of one file never share a temporary file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the user's group
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if previous is not None and path.exists():
-            os.replace(path, previous)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError, TypeError):
-            os.remove(tmp)
-        cause = e
-        while cause is not None and not isinstance(cause, OSError):  # torch.save wraps a failed write in
-            cause = cause.__context__                                  # a RuntimeError of its zip writer
-        if cause is not None:
-            kept = f"{path} or {previous}" if previous is not None else str(path)
-            raise WriteError(f"could not write {path}: {cause.strerror or cause}; whatever was there before is kept "
-                             f"({kept}). Free some space or choose another folder") from None
-        raise
-    return path
-
-
-def atomic_save(obj, path, previous=None):
-    """torch.save obj to path through atomic_write."""
-    return atomic_write(path, lambda f: torch.save(obj, f), previous)
-
 
 def save_checkpoint(ckpt, folder):
     """Write folder/ckpt.pt atomically, keeping the one it replaces as ckpt.prev.pt."""
@@ -77,18 +42,23 @@ def save_checkpoint(ckpt, folder):
     return atomic_save(ckpt, newest, previous=previous)
 
 
-def make_checkpoint(model, ema, diffusion, optimizer, train_config, state, world_size, distillation=None):
+def make_checkpoint(part, diffusion, train_config, state, world_size, importance=None,
+                    distillation=None):
     """Everything needed to rebuild the model (configs as plain types) and to resume exactly.
 
-    Random draws need no saved state: train.py derives each step's from (seed, step, rank). distillation:
-    a distilled student's record (distill.py): its step count, its sampler, its round, and its teacher, weights
-    included.
+    part: the training.Part trained (model, Adam, EMA); state: the loop's (step, epoch, history).
+    Random draws need no saved state: the loop derives each step's from (seed, step, rank).
+    importance: L_vlb's timestep sampler, whose history resuming needs. distillation: a distilled
+    student's record (distill.py): its sampler, its round, and its teacher, weights included.
     """
-    return {"format": FORMAT, "version": VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    model, ema = part.model, part.ema
+    return {"format": FORMAT, "version": VERSION, "model": model.state_dict(),
+            "optimizer": part.optimizer.state_dict(),
             "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
             "step": state["step"], "epoch": state["epoch"], "history": state["history"],
-            "timestep_history": state["timesteps"].state_dict() if state.get("timesteps") else None,  # loss vlb
-            "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(), "train": train_config},
+            "timestep_history": importance.state_dict() if importance else None,
+            "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(),
+                       "train": train_config},
             "world_size": world_size,  # data order and steps depend on the process count
             "distillation": distillation}
 
@@ -129,16 +99,94 @@ def _read(path):
         raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): {first_line(e, 100)}") from None
 
 
-def _upgrade(ckpt, path):
-    """The checkpoint in today's layout, from any version this code knows; a newer or foreign one is refused."""
+# What older versions left out, frozen as they were: later defaults must never change how an old
+# file reads. Each entry is what every run of that version did.
+V1_TRAIN = {"grad_clip": 0.0, "cond_drop": 0.1}  # fields added to version 1 over time
+V1_PER_COMMAND = ("max_steps", "max_minutes", "compile")  # kept in version-1 files, not since
+V1_CHANNEL_MULTS, V1_IMAGE_SIZE = (1, 2, 2), 28
+V2_DIFFUSION = {"variance": "fixed_small", "loss": "simple"}  # Ho et al.'s, before Improved DDPM
+V3_TRAIN = {"steps": 0, "lr_schedule": "constant", "ema_power": 8.0, "memory_format": "contiguous"}
+V5_STUDENT_SAMPLER = {"sampler": "ddim", "eta": 0.0, "spacing": "even"}  # every version-5 student's
+
+
+def _from_v1(ckpt):
+    """2 dropped the RNG state and the per-command limits, and versions the format."""
+    train = {**V1_TRAIN, **ckpt["config"].get("train", {})}
+    for key in V1_PER_COMMAND:
+        train.pop(key, None)
+    # "auto" (bf16 on CUDA, fp32 elsewhere, for a while) becomes fp32: --precision bf16 brings it back.
+    train["precision"] = "bf16" if train.get("precision") == "bf16" else "fp32"
+    model = dict(ckpt["config"]["model"])
+    if "attn_resolutions" in model:  # sizes the network lacks were once accepted and had no effect
+        levels = len(model.get("channel_mults", V1_CHANNEL_MULTS))
+        sizes = [model.get("image_size", V1_IMAGE_SIZE) // 2**k for k in range(levels)]
+        model["attn_resolutions"] = tuple(r for r in model["attn_resolutions"] if r in sizes)
+    config = {**ckpt["config"], "model": model, "train": train}
+    kept = {k: v for k, v in ckpt.items() if k != "rng"}
+    return {**kept, "format": FORMAT, "config": config, "world_size": ckpt.get("world_size", 1)}
+
+
+def _from_v2(ckpt):
+    """3 added Improved DDPM's variances and losses; before, every run was Ho et al.'s."""
+    config = ckpt["config"]
+    ckpt = {**ckpt, "config": {**config, "model": {**config["model"], "learned_variance": False},
+                               "diffusion": {**config["diffusion"], **V2_DIFFUSION}}}
+    if "optimizer" in ckpt:  # a resumable one: it had no timestep history, as loss simple keeps none
+        ckpt["timestep_history"] = None
+    return ckpt
+
+
+def _from_v3(ckpt):
+    """4 added the learning-rate decay, the EMA's power, steps and the memory format."""
+    config = ckpt["config"]
+    return {**ckpt, "config": {**config, "train": {**V3_TRAIN, **config["train"]}}}
+
+
+def _from_v4(ckpt):
+    """5 added distilled students; every earlier checkpoint is a model trained as usual."""
+    return {**ckpt, "distillation": None}
+
+
+def _from_v5(ckpt):
+    """6 records a student's sampler; every version-5 student sampled with the same one."""
+    record = ckpt.get("distillation")
+    if isinstance(record, dict):
+        ckpt = {**ckpt, "distillation": {"sampler": V5_STUDENT_SAMPLER, **record}}
+    return ckpt
+
+
+def _from_v6(ckpt):
+    """7 records a student's sampler as a SamplerConfig, its step count inside ("spacing" is its
+    grid); a model trained as usual is unchanged."""
+    record = ckpt.get("distillation")
+    if isinstance(record, dict) and isinstance(record.get("sampler"), dict) and "steps" in record:
+        old = dict(record["sampler"])
+        sampler = {"sampler": old.get("sampler"), "steps": record["steps"], "eta": old.get("eta"),
+                   "grid": old.get("spacing")}
+        kept = {k: v for k, v in record.items() if k != "steps"}
+        ckpt = {**ckpt, "distillation": {**kept, "sampler": sampler}}
+    return ckpt
+
+
+UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4, 5: _from_v5, 6: _from_v6}
+
+
+def _version(ckpt, path):
+    """The format version of a checkpoint of this project; a newer or foreign one is refused."""
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, "ddpm-fashion-mnist/1"):
         raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
     version = 1 if ckpt["format"] == "ddpm-fashion-mnist/1" else ckpt.get("version")
     if not isinstance(version, int) or version < 1:
-        raise Damaged(f"checkpoint {path} is damaged: its format version is {version!r}, not a number from 1 up")
+        raise Damaged(f"checkpoint {path} is damaged: its format version is {version!r}, not a number "
+                      f"from 1 up")
     if version > VERSION:
-        raise UserError(f"{path} is checkpoint version {version}, and this code reads versions 1 to {VERSION}: "
-                        f"update this repository (git pull) to read it")
+        raise UserError(f"{path} is checkpoint version {version}, and this code reads versions 1 to "
+                        f"{VERSION}: update this repository (git pull) to read it")
+    return version
+
+
+def _complete(ckpt, path, version):
+    """Refuse a file that lacks what every version holds, or whose weights or configs are not tables."""
     missing = sorted(set(REQUIRED) - set(ckpt))
     if missing:
         raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks {', '.join(missing)}")
@@ -146,44 +194,36 @@ def _upgrade(ckpt, path):
     tables = (ckpt["model"], ckpt["ema"], *((config.get(k, {}) for k in ("model", "diffusion", "train"))
                                             if isinstance(config, dict) else [None]))
     if not all(isinstance(t, dict) for t in tables):
-        raise Damaged(f"checkpoint {path} (version {version}) is damaged: its weights or config are not tables")
-    if version == 1:  # 2 dropped the RNG state and the per-command limits, and versions the format
-        train = dict(ckpt["config"].get("train", {}))
-        for key in ("max_steps", "max_minutes", "compile"):
-            train.pop(key, None)
-        # Fields added to version 1 over time, with what a run behaved like before each existed.
-        train.setdefault("grad_clip", 0.0)
-        train.setdefault("cond_drop", 0.1)
-        # "auto" (bf16 on CUDA, fp32 elsewhere, for a while) becomes fp32: --precision bf16 brings CUDA's back.
-        train["precision"] = "bf16" if train.get("precision") == "bf16" else "fp32"
-        model = dict(ckpt["config"]["model"])
-        if "attn_resolutions" in model:  # sizes the network lacks were once accepted and had no effect
-            sizes = [model.get("image_size", 28) // 2**k for k in range(len(model.get("channel_mults", (1, 2, 2))))]
-            model["attn_resolutions"] = [r for r in model["attn_resolutions"] if r in sizes]
-        ckpt = {**{k: v for k, v in ckpt.items() if k != "rng"}, "format": FORMAT, "version": 2,
-                "config": {**ckpt["config"], "model": model, "train": train}, "world_size": ckpt.get("world_size", 1)}
-    if ckpt["version"] == 2:  # 3 added Improved DDPM's variances and losses; before, every run was the first
-        config = ckpt["config"]
-        ckpt = {**ckpt, "version": 3, "config": {
-            **config, "model": {**config["model"], "learned_variance": False},
-            "diffusion": {**config["diffusion"], "variance": "fixed_small", "loss": "simple"}}}
-        if "optimizer" in ckpt:  # a resumable one: it had no timestep history, as loss simple keeps none
-            ckpt["timestep_history"] = None
-    if ckpt["version"] == 3:  # 4 added the learning-rate decay, the EMA's power, steps and the memory format
-        config = ckpt["config"]
-        ckpt = {**ckpt, "version": 4, "config": {**config, "train": {
-            "steps": 0, "lr_schedule": "constant", "ema_power": 8.0, "memory_format": "contiguous", **config["train"]}}}
-    if ckpt["version"] == 4:  # 5 added distilled students; every earlier checkpoint is a model trained as usual
-        ckpt = {**ckpt, "version": 5, "distillation": None}
+        raise Damaged(f"checkpoint {path} (version {version}) is damaged: its weights or config are "
+                      f"not tables")
+
+
+def _check_student(record, path):
+    """A distilled student's record must hold every DISTILLED field and a sampler this code knows."""
+    if record is None:
+        return
+    if not (isinstance(record, dict) and all(k in record for k in DISTILLED)):
+        raise Damaged(f"checkpoint {path} is damaged: its distillation record lacks some of "
+                      f"{', '.join(DISTILLED)}")
+    try:
+        sampler = SamplerConfig(**record["sampler"])
+        if not (isinstance(sampler.steps, int) and sampler.steps >= 1):
+            raise ValueError(f"a student's step count is a positive number, not {sampler.steps!r}")
+    except (TypeError, ValueError) as e:
+        raise Damaged(f"checkpoint {path} is damaged: its student's sampler "
+                      f"{record['sampler']!r} is not one this code knows ({first_line(e, 100)})") from None
+
+
+def _upgrade(ckpt, path):
+    """The checkpoint in today's layout, from any version this code knows, one version at a time."""
+    version = _version(ckpt, path)
+    _complete(ckpt, path, version)
+    for v in range(version, VERSION):
+        ckpt = {**UPGRADES[v](ckpt), "version": v + 1}
     if "distillation" not in ckpt:
-        raise Damaged(f"checkpoint {path} (version {ckpt['version']}) is incomplete: it lacks its distillation "
+        raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks its distillation "
                       f"record")
-    distilled = ckpt["distillation"]
-    if ckpt["version"] == 5:  # 6 records a student's sampler; every version-5 student sampled with this one
-        distilled = {"sampler": DISTILLED_SAMPLER, **distilled} if isinstance(distilled, dict) else distilled
-        ckpt = {**ckpt, "version": 6, "distillation": distilled}
-    if distilled is not None and not (isinstance(distilled, dict) and all(k in distilled for k in DISTILLED)):
-        raise Damaged(f"checkpoint {path} is damaged: its distillation record lacks some of {', '.join(DISTILLED)}")
+    _check_student(ckpt["distillation"], path)
     return ckpt
 
 
@@ -220,30 +260,31 @@ def load_checkpoint(path, fallback=True):
     return open_checkpoint(path, fallback)[0]
 
 
-def restore(ckpt, model, ema, optimizer, state):
-    """Load a checkpoint's training state into a freshly built model, its EMA (an AveragedModel), Adam and
-    the loop state dict; a checkpoint that lacks it or does not fit them is refused in one line."""
+def restore(ckpt, part, state, importance=None):
+    """Load a checkpoint's training state into a freshly built training.Part (model, Adam, EMA), the
+    loop's state dict and, for L_vlb, the timestep sampler; a checkpoint that lacks it or does not fit
+    them is refused in one line."""
     missing = [k for k in RESUME if k not in ckpt]
     if missing:
-        raise UserError(f"the checkpoint cannot be resumed: it lacks {', '.join(missing)} (sample.py can still "
-                        f"draw from it)")
+        raise UserError(f"the checkpoint cannot be resumed: it lacks {', '.join(missing)} (sample.py "
+                        f"can still draw from it)")
     try:
-        model.load_state_dict(ckpt["model"])
-        ema.module.load_state_dict(ckpt["ema"])
-        ema.n_averaged.fill_(ckpt["ema_updates"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for p, kept in optimizer.state.items():  # Adam's moments in their parameter's memory format, which fused
-            for k, v in kept.items():             # Adam requires, and a resumed run may have changed (channels_last)
-                if torch.is_tensor(v) and v.shape == p.shape:
+        part.model.load_state_dict(ckpt["model"])
+        part.ema.module.load_state_dict(ckpt["ema"])
+        part.ema.n_averaged.fill_(ckpt["ema_updates"])
+        part.optimizer.load_state_dict(ckpt["optimizer"])
+        for p, kept in part.optimizer.state.items():  # Adam's moments in their parameter's memory
+            for k, v in kept.items():                  # format, which fused Adam requires and a
+                if torch.is_tensor(v) and v.shape == p.shape:  # resumed run may have changed
                     kept[k] = torch.empty_like(p).copy_(v)
         state.update(step=ckpt["step"], epoch=ckpt["epoch"], history=[tuple(h) for h in ckpt["history"]])
-        if (ckpt["timestep_history"] is None) != (state.get("timesteps") is None):
+        if (ckpt["timestep_history"] is None) != (importance is None):
             raise ValueError("a timestep history is kept for loss vlb, and only there")
-        if state.get("timesteps"):
-            state["timesteps"].load_state_dict(ckpt["timestep_history"])
+        if importance is not None:
+            importance.load_state_dict(ckpt["timestep_history"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: {first_line(e, 200)}") \
-            from None
+        raise UserError(f"the checkpoint does not fit its own config, so it cannot be resumed: "
+                        f"{first_line(e, 200)}") from None
 
 
 def build_model(ckpt, device="cpu", ema=True):

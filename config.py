@@ -3,7 +3,8 @@ resumed checkpoint combine into the model, diffusion and training configs."""
 import argparse
 from dataclasses import asdict, dataclass, fields
 
-from cli import UserError, check, fastest_settings
+from cli import UserError, check
+from device import fastest_settings
 from diffusion import DiffusionConfig
 from unet import UNetConfig
 
@@ -37,7 +38,7 @@ class TrainConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     ema_decay: float = 0.999  # the EMA's decay, once its warm-up has reached it
-    ema_power: float = 8.0  # EMA warm-up: decay (1 + n) / (ema_power + 2 + n) after n updates (train.EMA)
+    ema_power: float = 8.0  # EMA warm-up: decay (1 + n) / (ema_power + 2 + n) after n updates (training.EMA)
     cond_drop: float = 0.1  # conditional models: share of labels replaced by "no class" (Ho & Salimans 2022)
     seed: int = 0
     checkpoint_every: int = 500

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import atomic_write
+from files import atomic_write
 from cli import UserError
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -102,6 +102,16 @@ def load_fashion_mnist(data_dir, train=True):
         raise UserError(f"{labels_file} does not match {images_file} ({len(labels)} labels, each to be 0-9, for "
                         f"{len(images)} images); delete both and run again to copy them afresh")
     return images, labels.long()
+
+
+def parse_class(text):
+    """A class index 0-9, or its torchvision name in any case ("ankle boot"), as an int."""
+    names = [c.lower() for c in CLASSES]
+    if text.strip().lower() in names:
+        return names.index(text.strip().lower())
+    if text.strip().isdigit() and int(text) < len(CLASSES):
+        return int(text)
+    raise UserError(f"unknown class {text!r}; use an index 0-9 or one of: {', '.join(CLASSES)}")
 
 
 def to_model_range(images_uint8):

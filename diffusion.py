@@ -166,20 +166,20 @@ class Diffusion(nn.Module):
         return clipped / (snr + 1 if self.config.prediction == "v" else snr)
 
     def split(self, out):
-        """The network's output -> (its eps or v [B, C, H, W], the variance fraction v in [0, 1] or None). With a
-        learned variance the second half of the channels is v in [-1, 1], mapped to [0, 1] as in their code."""
+        """The network's output -> (its eps or v [B, C, H, W], the variance fraction frac in [0, 1] or None). With a
+        learned variance the second half of the channels is frac in [-1, 1], mapped to [0, 1] as in their code."""
         if self.config.variance != "learned":
             return out, None
         pred, raw = out.chunk(2, dim=1)
         return pred, (raw + 1) / 2
 
-    def p_mean_variance(self, pred, v, x, t, clip=False):
+    def p_mean_variance(self, pred, frac, x, t, clip=False):
         """p(x_{t-1} | x_t) = N(mean, e^log_variance) and the x_0 it came from: the posterior mean at the predicted
         x_0 (eq. 11 of Nichol & Dhariwal 2021) and Sigma of eq. 15 or a fixed one. clip: x_0 to [-1, 1] first."""
         _, x0 = self.to_eps_x0(pred, x, t)
         x0 = x0.clamp(-1, 1) if clip else x0
         if self.config.variance == "learned":
-            log_variance = self.interpolated_log_variance(v, t)
+            log_variance = self.interpolated_log_variance(frac, t)
         else:
             table = self.large_log_variance if self.config.variance == "fixed_large" else self.posterior_log_variance
             log_variance = _gather(table, t, x.ndim)
@@ -196,13 +196,13 @@ class Diffusion(nn.Module):
         if self.config.loss == "vlb":
             return self.timesteps * self.bound_term(model, x0, t, noise, clip=False)
         xt = self.q_sample(x0, t, noise)
-        pred, v = self.split(model(xt, t).float())
+        pred, frac = self.split(model(xt, t).float())
         target = noise if self.config.prediction == "eps" else self.v_target(x0, t, noise)
         mse = (pred - target).pow(2).flatten(1).mean(1)
         mse = mse * self.loss_weight(t) if self.config.min_snr_gamma else mse
         if self.config.loss == "simple":
             return mse
-        mean, log_variance, _ = self.p_mean_variance(pred.detach(), v, xt, t)
+        mean, log_variance, _ = self.p_mean_variance(pred.detach(), frac, xt, t)
         return mse + HYBRID_LAMBDA * self.timesteps * self.vlb_term(x0, xt, t, mean, log_variance)
 
     def q_posterior(self, x0, xt, t):
@@ -210,11 +210,11 @@ class Diffusion(nn.Module):
         mean = _gather(self.posterior_mean_x0, t, x0.ndim) * x0 + _gather(self.posterior_mean_xt, t, x0.ndim) * xt
         return mean, _gather(self.posterior_log_variance, t, x0.ndim)
 
-    def interpolated_log_variance(self, v, t):
-        """log Sigma = v log beta_t + (1 - v) log beta~_t, eq. 15 of Nichol & Dhariwal 2021, for v in [0, 1]
-        per pixel: [B, C, H, W] -> [B, C, H, W]. v = 0 is beta~_t (clipped at t = 0), v = 1 is beta_t (at t = 0
+    def interpolated_log_variance(self, frac, t):
+        """log Sigma = frac log beta_t + (1 - frac) log beta~_t, eq. 15 of Nichol & Dhariwal 2021, for frac in [0, 1]
+        per pixel: [B, C, H, W] -> [B, C, H, W]. frac = 0 is beta~_t (clipped at t = 0), frac = 1 is beta_t (at t = 0
         too; their fixed_large variance takes beta~_1 there instead)."""
-        return v * _gather(self.log_betas, t, v.ndim) + (1 - v) * _gather(self.posterior_log_variance, t, v.ndim)
+        return frac * _gather(self.log_betas, t, frac.ndim) + (1 - frac) * _gather(self.posterior_log_variance, t, frac.ndim)
 
     def vlb_term(self, x0, xt, t, mean, log_variance):
         """One term of the variational bound in bits per dimension, per example (eq. 4-5 of Nichol &
@@ -267,27 +267,27 @@ class Diffusion(nn.Module):
                 + (self.timesteps - 1) * self.bound_term(model, x0, t, noise()))
 
     def predict(self, model, x, t):
-        """(eps, x_0, v) at x_t, with x_0 clipped to the data range [-1, 1] and eps made consistent with it;
-        v: the variance fraction of a learned variance, else None.
+        """(eps, x_0, frac) at x_t, with x_0 clipped to the data range [-1, 1] and eps made consistent with it;
+        frac: the variance fraction of a learned variance, else None.
 
         Clipping x_0 follows Ho et al.'s code; recomputing eps from the clipped x_0 is eq. 9 of
         Song et al. 2021 solved for eps. t: one timestep (int) for the whole batch, or one per image [B].
         """
         tb = t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        pred, v = self.split(model(x, tb).float())
+        pred, frac = self.split(model(x, tb).float())
         _, x0 = self.to_eps_x0(pred, x, tb)
         x0 = x0.clamp(-1, 1)
         a, s = self._coefs(tb, x.ndim)
-        return (x - a * x0) / s, x0, v
+        return (x - a * x0) / s, x0, frac
 
-    def step_log_variance(self, v, abar_t, abar_s):
+    def step_log_variance(self, frac, abar_t, abar_s):
         """log of the reverse variance for one step from t to s of a respaced sequence (sec. 4 of Nichol &
         Dhariwal 2021): beta = 1 - abar_t / abar_s and beta~ = beta (1 - abar_s) / (1 - abar_t) recomputed
-        from the shortened schedule, then fixed_small, fixed_large, or eq. 15 between them with v [B, C, H, W]."""
+        from the shortened schedule, then fixed_small, fixed_large, or eq. 15 between them with frac [B, C, H, W]."""
         beta = 1 - abar_t / abar_s
         log_beta, log_tilde = torch.log(beta), torch.log(beta * (1 - abar_s) / (1 - abar_t))
         if self.config.variance == "learned":
-            return v * log_beta + (1 - v) * log_tilde
+            return frac * log_beta + (1 - frac) * log_tilde
         return log_beta if self.config.variance == "fixed_large" else log_tilde
 
 

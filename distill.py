@@ -2,7 +2,8 @@
 round by round, 64 -> 32 -> ... -> 4 by default; then `python sample.py --checkpoint checkpoints/distilled/4-steps`.
 
 Each round's student starts as a copy of its teacher and learns to take, in one deterministic DDIM step, the
-two steps its teacher takes; it then teaches the next round. The students predict v (sec. 4 of the paper)."""
+two steps its teacher takes; it then teaches the next round. The students predict v (sec. 4 of the paper).
+A thin command line over the rounds: the objective is methods.Distillation, the loop training.train."""
 import argparse
 import math
 import sys
@@ -12,69 +13,26 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, locked, make_checkpoint, open_checkpoint,
-                        save_checkpoint, take_folder, teacher_checkpoint)
-from cli import (GUIDANCE, ArgumentParser, check, check_writable, describe, fastest_settings, pick_device,
-                 run_command, sampler_settings)
+from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, locked, make_checkpoint,
+                        open_checkpoint, restore, save_checkpoint, take_folder, teacher_checkpoint)
+from cli import ArgumentParser, check, check_writable, run_command
 from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
 from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
-from figures import save_labelled
-from sample import draw_pictures, generate
-from samplers import DISTILLED_SAMPLER, ddim_step, distillation_target, even_timesteps, guided
-from train import setup, train
+from device import fastest_settings, pick_device
+from diffusion import Diffusion
+from figures import draw_pictures, save_labelled
+from methods import Distillation, student_sampler
+from samplers import GUIDANCE, SamplerConfig, generate
+from training import new_part, new_state, train
 
 ROUND = "{}-steps"  # the folder, under --checkpoint-dir, of the student that samples in that many steps
 # What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
 RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps", "guidance", "seed",
                 "precision", "memory_format", "checkpoint_every", "overwrite")
-# A new distillation's settings where a flag is left out: the CPU recipe (README, "Few-step sampling").
+# A new distillation's settings where a flag is left out: the CPU recipe (docs/results.md,
+# "Progressive distillation").
 DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4, warmup_steps=50, seed=0,
                 checkpoint_every=250)
-
-
-class Distillation:
-    """The loss of one round of progressive distillation, Algorithm 2 of Salimans & Ho 2022, in the form
-    train.train() takes: there t is drawn from range(steps), the student step i that starts at grid[2 i]
-    (t = i / N in the paper), and .loss() compares the student with two DDIM steps of the teacher.
-
-    teacher(x, t[, y]) predicts in its own parametrisation (diffusion: its Diffusion), a conditional one with
-    classifier-free guidance w; the student's Diffusion says how its output reads (v).
-    """
-
-    def __init__(self, teacher, teacher_diffusion, diffusion, steps, guidance=0.0):
-        self.teacher, self.teacher_diffusion, self.diffusion = teacher, teacher_diffusion, diffusion
-        self.timesteps, self.guidance = steps, guidance  # timesteps: what train() draws t below, the student's steps
-        grid = even_timesteps(diffusion.timesteps, 2 * steps)  # the teacher's: twice as fine, then clean data
-        self.grid = torch.cat([grid, grid.new_tensor([-1])]).to(diffusion.alphas_cumprod.device)
-
-    def abar(self, t):
-        """alpha-bar at timesteps t [B], 1 at t = -1 (clean data): [B, 1, 1, 1]."""
-        abar = self.diffusion.alphas_cumprod
-        return torch.where(t >= 0, abar[t.clamp(min=0)], torch.ones_like(abar[0])).reshape(-1, 1, 1, 1)
-
-    def teacher_x0(self, x, t, y):
-        fn = self.teacher if y is None else guided(self.teacher, y, self.guidance)
-        return self.teacher_diffusion.predict(fn, x, t)[1]  # clipped to [-1, 1], as its sampler does
-
-    @torch.no_grad()
-    def target(self, x, i, y=None):
-        """x~ of Algorithm 2 at x_t, t = grid[2 i]: the x_0 whose one DDIM step lands where the teacher's two
-        steps, t -> grid[2 i + 1] -> grid[2 i + 2], do; in full fp32, the teacher's sampler's precision."""
-        t, mid, s = (self.grid[2 * i + k] for k in range(3))
-        with torch.autocast(x.device.type, enabled=False):
-            x_mid = ddim_step(x, self.teacher_x0(x, t, y), self.abar(t), self.abar(mid))
-            x_s = ddim_step(x_mid, self.teacher_x0(x_mid, mid, y), self.abar(mid), self.abar(s))
-        return distillation_target(x, x_s, self.abar(t), self.abar(s))
-
-    def loss(self, model, x0, i, noise, y=None):
-        """Per example [B]: the MSE of the student's v to the target's, v = (alpha_t x_t - x~) / sigma_t; as an
-        x_0 error that is weighted by SNR + 1, one of the two weightings sec. 4 of the paper recommends."""
-        t = self.grid[2 * i]
-        x = self.diffusion.q_sample(x0, t, noise)
-        abar = self.abar(t)
-        v = (abar.sqrt() * x - self.target(x, i, y)) / (1 - abar).sqrt()
-        pred, _ = self.diffusion.split((model(x, t) if y is None else model(x, t, y)).float())
-        return (pred - v).pow(2).flatten(1).mean(1)
 
 
 def halvings(teacher_steps, to_steps):
@@ -93,29 +51,34 @@ def saved_rounds(folder):
             ckpt, file = open_checkpoint(sub)
             check(ckpt["distillation"] is not None, f"{file} is not a distilled student, yet lies where distill.py "
                                                     f"keeps its rounds: move it, or choose another --checkpoint-dir")
-            found[ckpt["distillation"]["steps"]] = ckpt, file
+            found[ckpt["distillation"]["sampler"]["steps"]] = ckpt, file
     return found
 
 
 def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, device, folder, saved=None):
-    """Train the student that takes n steps (from `saved`, (a checkpoint of this round, its file), if given),
-    saving it in folder: train.train() with the Distillation loss. Returns why it stopped early, or None."""
+    """Train the student that takes n steps (from `saved`, (a checkpoint of this round, its file), if
+    given), saving it in folder: the Distillation method on the one training loop. Returns why it
+    stopped early, or None."""
     variance = teacher_diffusion.config.variance  # the student's loss is the Distillation's: keep no other
     student = replace(teacher_diffusion.config, prediction="v", min_snr_gamma=0.0,
                       loss="hybrid" if variance == "learned" else "simple")
     ckpt, file = saved or (None, None)
-    model, ema, diffusion, optimizer, state = setup(teacher.config, student, cfg, device, ckpt)
-    if ckpt is None:  # theta <- eta: the student starts where its teacher is
-        model.load_state_dict(teacher.state_dict())
-    # Only the trained model is guided: every later teacher is a student that has learned the guided prediction.
-    objective = Distillation(teacher, teacher_diffusion, diffusion, n, record["guidance"] * (record["round"] == 1))
-    record = {**record, "steps": n, "teacher": teacher_checkpoint(teacher, teacher_diffusion)}
+    part, state, diffusion = new_part(teacher.config, cfg, device), new_state(), Diffusion(student).to(device)
+    if ckpt is not None:
+        restore(ckpt, part, state)
+    else:  # theta <- eta: the student starts where its teacher is
+        part.model.load_state_dict(teacher.state_dict())
+    # Only the trained model is guided: every later teacher is a student that learned the guided one.
+    guidance = record["guidance"] if record["round"] == 1 else 0.0
+    method = Distillation(teacher, teacher_diffusion, diffusion, n, guidance, part=part)
+    record = {**record, "sampler": student_sampler(n).to_dict(),
+              "teacher": teacher_checkpoint(teacher, teacher_diffusion)}
 
     def save():
-        save_checkpoint(make_checkpoint(model, ema, diffusion, optimizer, cfg.recipe(), state, 1, record), folder)
+        save_checkpoint(make_checkpoint(part, diffusion, cfg.recipe(), state, 1, distillation=record), folder)
 
     take_folder(folder, folder if ckpt else None, file, overwrite=False)  # leftovers; a damaged ckpt.pt aside
-    return train(model, ema, objective, optimizer, images, cfg, device, state, save, labels)
+    return train(method, images, cfg, device, state, save, labels)
 
 
 def build_parser():
@@ -176,7 +139,7 @@ def settings_from(args, found, device):
     check(args.guidance is None or args.guidance >= 0, f"--guidance must be 0 or more, got {args.guidance}")
     flag = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in DEFAULTS.items()}
     first_steps = flag["teacher_steps"]
-    record = {"sampler": DISTILLED_SAMPLER, "round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
+    record = {"round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
               "guidance": (GUIDANCE if args.guidance is None else args.guidance) if conditional else 0.0,
               "source": {"checkpoint": str(file), "step": ckpt["step"]}}
     chosen = fastest_settings(device, args.precision or "auto", args.memory_format or "auto")
@@ -260,10 +223,11 @@ def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labe
               f"{sum(history) / len(history):.4g} over its last {len(history)} steps; saved in {folder}/")
         teacher, teacher_diffusion = build_model(ckpt, device)  # exactly what a resumed run would load
         if sample_n:
-            settings = sampler_settings(None, teacher_diffusion.timesteps, distilled=ckpt["distillation"])
+            sampler = SamplerConfig(**ckpt["distillation"]["sampler"])
             where = check_writable(out / folder.name, "--output-dir")
-            draw_pictures(teacher, teacher_diffusion, sample_n, where, cfg.seed, learned=record["guidance"], **settings)
-            print(f"wrote {where / 'samples.png'} ({describe(settings)})")
+            draw_pictures(teacher, teacher_diffusion, sample_n, where, cfg.seed, learned=record["guidance"],
+                          sampler=sampler)
+            print(f"wrote {where / 'samples.png'} ({sampler.describe()})")
         if budget <= 0 and rounds[-1][0] != r:  # the budget ran out with this round
             print(f"stopped after round {r} by --max-steps")
             return False
@@ -277,9 +241,9 @@ def save_students(ckpt_dir, path, device, seed, n=10):
     for steps, (ckpt, _) in sorted(saved_rounds(ckpt_dir).items(), reverse=True):
         model, diffusion = build_model(ckpt, device)
         labels = torch.arange(n) % len(CLASSES) if model.config.num_classes else None
-        settings = sampler_settings(None, diffusion.timesteps, distilled=ckpt["distillation"])
-        rows.append((f"{steps} step{'s' * (steps > 1)}", generate(model, diffusion, n, seed, labels=labels,
-                                                                  progress=False, **settings)))
+        sampler = SamplerConfig(**ckpt["distillation"]["sampler"])
+        images = generate(model, diffusion, n, seed, sampler, labels=labels, progress=False)
+        rows.append((f"{steps} step{'s' * (steps > 1)}", images))
     save_labelled(rows, path, "Distilled students, the same noise in each row", rows=True)
     print(f"wrote {path}")
 

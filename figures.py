@@ -1,13 +1,15 @@
-"""Every picture the commands write: image grids, labelled grids, the forward process, the loss
-curve and evaluate.py's plots. Each file is written atomically, so a failed write leaves the old one."""
+"""Every picture the commands write: the samples a run draws, image grids, labelled grids, the forward
+process, the loss curve and evaluate.py's plots. Each file is written atomically, so a failed write
+leaves the old one. How images are drawn is samplers.py's."""
 import csv
 import io
 
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_write
-from data import to_model_range
+from data import CLASSES, to_model_range
+from files import atomic_write
+from samplers import GUIDANCE, generate
 
 FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)  # of T; t = 0, 50, 100, 200, ... 999 at T = 1000
 
@@ -108,9 +110,12 @@ def plot_sweep(rows, path):
     """evaluate.py's rows (the first is the real-image floor): FID against network evaluations, one line
     per sampler and eta (and checkpoint, if several), solid for EMA weights and dashed for raw ones; distilled
     students (distill.py), one point each, share one line."""
-    several = len({r.get("checkpoint") for r in rows[1:] if "spacing" not in r}) > 1  # a line per checkpoint
-    label = lambda r: "distilled students" if "spacing" in r else (
-        (r["checkpoint"] + ": ") * several + r["sampler"] + (f" eta={r['eta']:g}" if r.get("eta") is not None else ""))
+    several = len({r.get("checkpoint") for r in rows[1:] if not r.get("student")}) > 1  # a line per checkpoint
+    def label(r):
+        if r.get("student"):
+            return "distilled students"
+        eta = f" eta={r['eta']:g}" if r.get("eta") is not None else ""
+        return (r["checkpoint"] + ": ") * several + r["sampler"] + eta
     samplers = sorted({label(r) for r in rows[1:]})
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     for weights, line in (("ema", "-"), ("raw", "--")):
@@ -125,3 +130,26 @@ def plot_sweep(rows, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, learned=None, **kw):
+    """The pictures a run draws: n images in out/samples.png. A conditional model given no label draws
+    ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row per class.
+    learned: a distilled student's guidance scale, which it applies itself: none is added to it.
+    kw: generate()'s options (sampler, batch_size, callback, ...). Returns the images."""
+    guidance = 0.0 if learned is not None else guidance
+    labels, per_class = None, None
+    if model.config.num_classes and label is not None:
+        labels = torch.full((n,), label)
+    elif model.config.num_classes:
+        per_class = -(-n // len(CLASSES))
+        labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
+    images = generate(model, diffusion, len(labels) if labels is not None else n, seed, labels=labels,
+                      guidance=guidance if labels is not None else 0.0, **kw)
+    save_grid(images, out / "samples.png", nrow=per_class or 8)
+    if per_class:
+        student = "a student distilled at " * (learned is not None)
+        w = guidance if learned is None else learned
+        save_labelled(list(zip(CLASSES, images.split(per_class))), out / "samples_by_class.png",
+                      f"One row per class, {student}guidance w = {w:g}", rows=True)
+    return images

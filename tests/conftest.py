@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import train
 from checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from methods import denoising
+from training import train
 from config import TrainConfig
 from diffusion import DiffusionConfig
 from unet import UNetConfig
@@ -93,17 +94,18 @@ def _seed():
 
 
 def _tiny_run(folder, model_cfg, cfg, images=None, resume=None, loss_hook=None, diffusion_cfg=None):
-    """What train.run does, minus data and figures, in-process on the CPU: set up (or resume from
+    """What train.py does, minus data and figures, in-process on the CPU: set up (or resume from
     a checkpoint), train, checkpoint into folder. Returns (model, ema, state)."""
     cpu = torch.device("cpu")
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8) if images is None else images
-    model, ema, d, opt, state = train.setup(model_cfg, diffusion_cfg or DiffusionConfig(20), cfg, cpu,
-                                            resume and load_checkpoint(resume))
+    method, state = denoising(model_cfg, diffusion_cfg or DiffusionConfig(20), cfg, cpu,
+                              resume and load_checkpoint(resume))
+    d, part = method.diffusion, method.parts[0]
     if loss_hook:
         d.loss = loss_hook(d.loss)
-    save = lambda: save_checkpoint(make_checkpoint(model, ema, d, opt, cfg.recipe(), state, 1), folder)
-    train.train(model, ema, d, opt, images, cfg, cpu, state, save)
-    return model, ema, state
+    save = lambda: save_checkpoint(make_checkpoint(part, d, cfg.recipe(), state, 1, method.importance), folder)
+    train(method, images, cfg, cpu, state, save)
+    return part.model, part.ema, state
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 import train
+import training
+from distributed import world
 
 if __name__ == "__main__":
     masks = []
@@ -21,9 +23,9 @@ if __name__ == "__main__":
             return out
         torch.nn.Dropout.forward = recording
     if os.environ.get("FAKE_STEP_RATE"):  # --max-minutes: each rank "measures" its own rate, as real ranks may
-        train.measure_rate = lambda *a, **k: float(os.environ["FAKE_STEP_RATE"]) * (1 + int(os.environ["RANK"]))
-    model, ema, state = train.run(train.build_parser().parse_args(sys.argv[2:]))
-    rank = train.world()[0]
+        training.measure_rate = lambda *a, **k: float(os.environ["FAKE_STEP_RATE"]) * (1 + int(os.environ["RANK"]))
+    method, state = train.run(train.build_parser().parse_args(sys.argv[2:]))
+    model, ema, rank = method.parts[0].model, method.parts[0].ema, world()[0]
     torch.save({"model": model.state_dict(), "ema": ema.module.state_dict(), "history": state["history"],
                 "masks": masks}, Path(sys.argv[1]) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

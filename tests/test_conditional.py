@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import data
+import training
+import figures
+import samplers
 import evaluate
 import sample
-import train
 from checkpoint import load_checkpoint
 from cli import UserError
 from data import CLASSES
@@ -27,7 +30,7 @@ def conditional_model(tiny_config):
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
 def test_label_dropout_rate(p):
     labels = torch.randint(0, 10, (200_000,))
-    dropped = train.drop_labels(labels, p, null=10)
+    dropped = training.drop_labels(labels, p, null=10)
     rate = (dropped == 10).float().mean().item()
     assert abs(rate - p) <= 5 * (p * (1 - p) / len(labels)) ** 0.5 + 1e-9
     kept = dropped != 10
@@ -43,21 +46,21 @@ def test_the_class_changes_the_prediction_and_none_is_the_null_token(conditional
 
 def test_guidance_zero_is_the_conditional_model_and_w_follows_eq_6(conditional_model):
     x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([10, 400, 900]), torch.tensor([1, 5, 9])
-    assert_close(sample.guided(conditional_model, y, 0.0)(x, t), conditional_model(x, t, y))
+    assert_close(samplers.guided(conditional_model, y, 0.0)(x, t), conditional_model(x, t, y))
     cond, uncond = conditional_model(x, t, y), conditional_model(x, t, torch.full_like(y, 10))
-    assert_close(sample.guided(conditional_model, y, 3.0)(x, t), 4.0 * cond - 3.0 * uncond, rtol=1e-5, atol=1e-5)
+    assert_close(samplers.guided(conditional_model, y, 3.0)(x, t), 4.0 * cond - 3.0 * uncond, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("text, index", [("Ankle boot", 9), ("ankle BOOT", 9), ("t-shirt/top", 0), ("7", 7), ("0", 0)])
 def test_class_names_and_indices(text, index):
-    assert sample.parse_class(text) == index
+    assert data.parse_class(text) == index
 
 
 def test_unknown_class_lists_the_valid_ones(good_checkpoint, tmp_path, fails):
     with pytest.raises(UserError, match="Sneaker, Bag, Ankle boot"):
-        sample.parse_class("sneakers")
+        data.parse_class("sneakers")
     with pytest.raises(UserError):
-        sample.parse_class("10")
+        data.parse_class("10")
     err = fails(sample, ["--checkpoint", good_checkpoint, "--class", "boots", "--output-dir", tmp_path])
     assert "unknown class 'boots'" in err and "Ankle boot" in err
 
@@ -73,9 +76,9 @@ def test_per_class_grid_has_a_row_per_class_in_order(conditional_model, tmp_path
     def fake_save_labelled(groups, path, title, rows=False):
         seen.update(groups=groups, rows=rows, path=path)
 
-    monkeypatch.setattr(sample, "save_labelled", fake_save_labelled)
-    images = sample.draw_pictures(conditional_model, Diffusion(DiffusionConfig(10)), 25, tmp_path, guidance=1.0,
-                                  steps=2)
+    monkeypatch.setattr(figures, "save_labelled", fake_save_labelled)
+    images = figures.draw_pictures(conditional_model, Diffusion(DiffusionConfig(10)), 25, tmp_path, guidance=1.0,
+                                   sampler=samplers.SamplerConfig("ddpm", 2))
     assert images.shape == (30, 1, 28, 28)  # ceil(25 / 10) = 3 per class
     assert seen["rows"] and seen["path"].name == "samples_by_class.png"
     assert [name for name, _ in seen["groups"]] == list(CLASSES)
@@ -86,10 +89,11 @@ def test_per_class_grid_has_a_row_per_class_in_order(conditional_model, tmp_path
 
 def test_generate_gives_each_image_its_class(conditional_model, monkeypatch):
     asked = []
-    real_guided = sample.guided
-    monkeypatch.setattr(sample, "guided", lambda m, y, w: asked.append(y.clone()) or real_guided(m, y, w))
+    real_guided = samplers.guided
+    monkeypatch.setattr(samplers, "guided", lambda m, y, w: asked.append(y.clone()) or real_guided(m, y, w))
     labels = torch.tensor([3, 3, 8, 1, 0])
-    sample.generate(conditional_model, Diffusion(DiffusionConfig(10)), 5, steps=2, batch_size=2, labels=labels)
+    samplers.generate(conditional_model, Diffusion(DiffusionConfig(10)), 5, sampler=samplers.SamplerConfig("ddpm", 2),
+                      batch_size=2, labels=labels)
     assert torch.equal(torch.cat(asked), labels)
 
 

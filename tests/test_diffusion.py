@@ -1,12 +1,14 @@
 import math
+import re
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+import samplers
 from diffusion import Diffusion, DiffusionConfig, make_betas
 from samplers import SAMPLERS, logsnr_timesteps, spaced_timesteps
-from cli import sampler_settings
+from samplers import SamplerConfig
 from unet import UNet
 
 
@@ -265,26 +267,44 @@ def test_sampler_callback_sees_every_step(name, tiny_config):
 
 
 @pytest.mark.parametrize("sampler, timesteps, steps, eta, expected", [
-    ("dpm++", 1000, None, None, {"sampler": "dpm++", "steps": 20, "eta": 1.0}),
-    ("ddim", 1000, None, None, {"sampler": "ddim", "steps": 50, "eta": 0.0}),
-    ("ddpm", 1000, None, None, {"sampler": "ddpm", "steps": 1000}),
-    ("dpm++", 10, None, None, {"sampler": "dpm++", "steps": 10, "eta": 1.0}),  # never more steps than T
-    ("dpm++", 1000, 7, 0.0, {"sampler": "dpm++", "steps": 7, "eta": 0.0}),  # given values win
+    (None, 1000, None, None, {"sampler": "dpm++", "steps": 20, "eta": 1.0, "grid": "logsnr"}),
+    ("ddim", 1000, None, None, {"sampler": "ddim", "steps": 50, "eta": 0.0, "grid": "time"}),
+    ("ddpm", 1000, None, None, {"sampler": "ddpm", "steps": 1000, "eta": None, "grid": "time"}),
+    ("dpm++", 10, None, None, {"sampler": "dpm++", "steps": 10, "eta": 1.0, "grid": "logsnr"}),  # <= T
+    ("dpm++", 1000, 7, 0.0, {"sampler": "dpm++", "steps": 7, "eta": 0.0, "grid": "logsnr"}),  # given values win
 ])
 def test_sampler_defaults(sampler, timesteps, steps, eta, expected):
-    assert sampler_settings(sampler, timesteps, steps, eta) == expected
+    assert SamplerConfig.from_flags(sampler, steps, eta, timesteps).to_dict() == expected
+    assert SamplerConfig(**expected).resolve(timesteps).to_dict() == expected  # a resolved one stays as it is
+
+
+def test_generate_draws_what_sample_py_draws_unless_told_otherwise():
+    import inspect
+    assert inspect.signature(samplers.generate).parameters["sampler"].default == SamplerConfig()
+    assert SamplerConfig().resolve(1000) == SamplerConfig.from_flags(None, None, None, 1000)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(sampler="euler"), "unknown sampler 'euler'"),
+    (dict(grid="karras"), "unknown timestep grid 'karras'"),
+    (dict(sampler="ddpm", eta=0.5), "eta applies to ddim and dpm++, not ddpm"),
+])
+def test_unknown_sampler_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplerConfig(**fields)
+    with pytest.raises(ValueError, match="unknown timestep grid"):
+        samplers.timestep_grid("karras", Diffusion(DiffusionConfig(10)), 4)
 
 
 def test_sampling_runs_without_tf32_whoever_calls_it(tiny_config):
     """train.py trains with TF32 on CUDA; its final grid must still be drawn as sample.py draws it."""
-    import sample
-    from cli import tf32
+    from device import tf32
 
     model, seen = UNet(tiny_config).eval(), []
     forward = model.forward
     model.forward = lambda *a: (seen.append(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32),
                                 forward(*a))[1]
     with tf32(True):
-        sample.generate(model, Diffusion(DiffusionConfig(10)), 2, steps=2, progress=False)
+        samplers.generate(model, Diffusion(DiffusionConfig(10)), 2, sampler=SamplerConfig("ddpm", 2), progress=False)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored afterwards
     assert seen == [False, False]

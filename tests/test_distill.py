@@ -6,15 +6,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import checkpoint
+import methods
+import samplers
 import distill
 import evaluate
 import sample
 import train
 from checkpoint import build_model, build_teacher, load_checkpoint
-from cli import UserError, sampler_settings
+from cli import UserError
 from diffusion import Diffusion, DiffusionConfig
-from samplers import DISTILLED_SAMPLER, even_timesteps, sample_ddim
+from methods import student_sampler
+from samplers import SamplerConfig, even_timesteps, sample_ddim
 from unet import UNet
 
 
@@ -61,12 +63,12 @@ def test_one_student_step_with_the_target_lands_where_two_exact_teacher_steps_do
     teacher_diffusion = Diffusion(DiffusionConfig(1000, schedule))
     diffusion = Diffusion(DiffusionConfig(1000, schedule, prediction="v"))
     teacher = GaussianTeacher(teacher_diffusion)
-    objective = distill.Distillation(teacher, teacher_diffusion, diffusion, steps)
+    objective = methods.Distillation(teacher, teacher_diffusion, diffusion, steps)
     noise = torch.randn(6, 1, 8, 8)
     teacher_path, student_path = [], []
-    x_teacher = sample_ddim(teacher, teacher_diffusion, noise, 2 * steps, spacing="even",
+    x_teacher = sample_ddim(teacher, teacher_diffusion, noise, 2 * steps, grid="even",
                             callback=lambda i, t, x, x0: teacher_path.append(x))
-    x_student = sample_ddim(PerfectStudent(objective), diffusion, noise, steps, spacing="even",
+    x_student = sample_ddim(PerfectStudent(objective), diffusion, noise, steps, grid="even",
                             callback=lambda i, t, x, x0: student_path.append(x))
     assert len(student_path) == steps and len(teacher_path) == 2 * steps
     for k in range(steps):  # after each student step, where the teacher is after two
@@ -75,7 +77,7 @@ def test_one_student_step_with_the_target_lands_where_two_exact_teacher_steps_do
     assert (x_teacher - noise).abs().mean() > 0.5  # the walk went somewhere: from noise to near mu
     x0 = 0.1 + 0.2 * torch.randn(6, 1, 8, 8)  # and the perfect student's loss is 0 at every step
     for i in range(steps):
-        losses = objective.loss(PerfectStudent(objective), x0, torch.full((6,), i), torch.randn_like(x0))
+        losses = objective.per_example(PerfectStudent(objective), x0, torch.full((6,), i), torch.randn_like(x0))
         assert losses.max() < 1e-6
 
 
@@ -84,11 +86,11 @@ def test_a_guided_teacher_teaches_its_guided_prediction(tiny_config):
     for p in teacher.parameters():
         torch.nn.init.normal_(p, std=0.05)
     d = Diffusion(DiffusionConfig(20))
-    objective = distill.Distillation(teacher, d, Diffusion(DiffusionConfig(20, prediction="v")), 4, guidance=2.0)
+    objective = methods.Distillation(teacher, d, Diffusion(DiffusionConfig(20, prediction="v")), 4, guidance=2.0)
     x, i, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 3]), torch.tensor([1, 5, 10])
-    plain = distill.Distillation(sample.guided(teacher, y, 2.0), d, objective.diffusion, 4)
+    plain = methods.Distillation(samplers.guided(teacher, y, 2.0), d, objective.diffusion, 4)
     assert_close(objective.target(x, i, y), plain.target(x, i))
-    unguided = distill.Distillation(sample.guided(teacher, y, 0.0), d, objective.diffusion, 4)
+    unguided = methods.Distillation(samplers.guided(teacher, y, 0.0), d, objective.diffusion, 4)
     assert not torch.allclose(objective.target(x, i, y), unguided.target(x, i))
 
 
@@ -104,21 +106,22 @@ def test_a_round_lowers_the_loss_and_its_student_takes_exactly_its_steps(cli, go
     distil(cli, good_checkpoint, "--to-steps", 4, "--round-steps", 30)
     student_ckpt = load_checkpoint(cli.ckpt / "4-steps")
     record = student_ckpt["distillation"]
-    assert record["steps"] == 4 and record["round"] == 1 and record["source"]["checkpoint"] == str(good_checkpoint)
+    assert record["sampler"]["steps"] == 4 and record["round"] == 1 and record["source"]["checkpoint"] == str(good_checkpoint)
     teacher, teacher_diffusion = build_teacher(student_ckpt)
     original, _ = build_model(load_checkpoint(good_checkpoint))
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), original.state_dict().values()))
     student, diffusion = build_model(student_ckpt)
-    objective = distill.Distillation(teacher, teacher_diffusion, diffusion, 4)
+    objective = methods.Distillation(teacher, teacher_diffusion, diffusion, 4)
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.rand(64, 1, 28, 28, generator=g) * 2 - 1, torch.randn(64, 1, 28, 28, generator=g)
     i = torch.arange(64) % 4
     with torch.no_grad():
-        before, after = (objective.loss(m, x0, i, noise).mean() for m in (original, student))
+        before, after = (objective.per_example(m, x0, i, noise).mean() for m in (original, student))
     assert after < 0.9 * before, (before, after)  # the same examples, t and noise: no sampling noise
     calls = []
     student.register_forward_hook(lambda *_: calls.append(1))
-    images = sample.generate(student, diffusion, 5, sampler="ddim", steps=4, eta=0.0, spacing="even", progress=False)
+    images = samplers.generate(student, diffusion, 5, sampler=SamplerConfig("ddim", 4, 0.0, "even"),
+                               progress=False)
     assert len(calls) == 4 and images.shape == (5, 1, 28, 28)
     assert "4-step student trained" in capsys.readouterr().out
 
@@ -158,21 +161,6 @@ def test_sample_and_evaluate_use_the_students_own_sampler_and_refuse_others(cli,
     assert "drop --grid" in fails(evaluate, ["--sweep", "--checkpoint", student, "--grid", "ddim:4"])
 
 
-def test_a_student_records_its_sampler_and_a_version_5_student_reads_as_the_one_it_used(cli, good_checkpoint,
-                                                                                         tmp_path, monkeypatch):
-    (tmp_path / "cwd").mkdir()
-    (tmp_path / "cwd" / "ckpt.pt").write_bytes(b"")  # a file in the working folder is not a --resume
-    monkeypatch.chdir(tmp_path / "cwd")
-    distil(cli, good_checkpoint, "--to-steps", 4)
-    ckpt = load_checkpoint(cli.ckpt / "4-steps")
-    assert ckpt["version"] == checkpoint.VERSION and ckpt["distillation"]["sampler"] == DISTILLED_SAMPLER
-    old = {**ckpt, "version": 5, "distillation": {k: v for k, v in ckpt["distillation"].items() if k != "sampler"}}
-    torch.save(old, cli.out / "v5.pt")
-    upgraded = load_checkpoint(cli.out / "v5.pt")["distillation"]
-    assert upgraded["sampler"] == DISTILLED_SAMPLER and upgraded.keys() == ckpt["distillation"].keys()
-    assert sampler_settings(None, 20, distilled=ckpt["distillation"]) == {**DISTILLED_SAMPLER, "steps": 4}
-
-
 def test_bad_requests_are_refused_in_one_line_and_leave_the_folder_as_it_was(cli, good_checkpoint, fails):
     assert "not reached by halving" in fails(distill, ["--teacher", good_checkpoint, "--to-steps", "3",
                                                        "--teacher-steps", "8", "--checkpoint-dir", cli.ckpt])
@@ -192,9 +180,9 @@ def test_bad_requests_are_refused_in_one_line_and_leave_the_folder_as_it_was(cli
 
 
 def test_evaluate_scores_a_student_with_its_own_sampler_alone_or_beside_its_teacher():
-    student = {"steps": 4, "sampler": DISTILLED_SAMPLER, "guidance": 0.0}
+    student = {"sampler": student_sampler(4).to_dict(), "guidance": 0.0}
     parse = evaluate.build_parser().parse_args
-    expected = {"sampler": "ddim", "steps": 4, "eta": 0.0, "spacing": "even"}
+    expected = SamplerConfig("ddim", 4, 0.0, "even")
     assert evaluate.plan(parse([]), 1000, False, True, student) == [("ema", expected, 0.0)]
     assert evaluate.plan(parse(["--sweep"]), 1000, False, False, student) == [("ema", expected, 0.0)]
     with pytest.raises(UserError, match="distilled for 4 steps"):
@@ -207,13 +195,14 @@ def test_only_the_trained_model_is_guided_later_teachers_have_learned_it(cli, ti
     from checkpoint import make_checkpoint, save_checkpoint
     from config import TrainConfig
     cfg = TrainConfig(batch_size=8)
-    model, ema, d, opt, state = train.setup(replace(tiny_config, num_classes=10), DiffusionConfig(20), cfg,
-                                            torch.device("cpu"))
-    ema.update_parameters(model)
-    save_checkpoint(make_checkpoint(model, ema, d, opt, cfg.recipe(), state, 1), tmp_path / "teacher")
+    method, state = methods.denoising(replace(tiny_config, num_classes=10), DiffusionConfig(20), cfg,
+                                      torch.device("cpu"))
+    part = method.parts[0]
+    part.ema.update_parameters(part.model)
+    save_checkpoint(make_checkpoint(part, method.diffusion, cfg.recipe(), state, 1), tmp_path / "teacher")
     scales = []
-    real = distill.Distillation
-    monkeypatch.setattr(distill, "Distillation", lambda *a: scales.append(a[-1]) or real(*a))
+    real = methods.Distillation
+    monkeypatch.setattr(distill, "Distillation", lambda *a, **k: scales.append(a[4]) or real(*a, **k))
     distil(cli, tmp_path / "teacher", "--guidance", 1.5, "--round-steps", 2)
     assert scales == [1.5, 0.0]
     students = [load_checkpoint(cli.ckpt / n)["distillation"] for n in ("4-steps", "2-steps")]

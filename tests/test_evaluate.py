@@ -6,7 +6,9 @@ import torch
 from torch.testing import assert_close
 
 import evaluate
-from evaluate import frechet_distance, kernel_inception_distance, precision_recall
+from cli import UserError
+from metrics import frechet_distance, kernel_inception_distance, precision_recall
+from samplers import GUIDANCE, SamplerConfig
 
 
 def exact_gaussian_sets(n=500, d=8, seed=0):
@@ -128,37 +130,37 @@ def test_evaluate_refuses_flags_it_would_ignore(args, message, good_checkpoint, 
 
 def test_guidance_flags_on_a_conditional_model_asked_for_no_class_are_refused():
     args = evaluate.build_parser().parse_args(["--unconditional", "--guidance-sweep", "0", "2"])
-    with pytest.raises(evaluate.UserError, match="where guidance has nothing to steer"):  # was a KeyError
+    with pytest.raises(UserError, match="where guidance has nothing to steer"):  # was a KeyError
         evaluate.plan(args, 20, conditional=True)
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], {"sampler": "dpm++", "steps": 20, "eta": 1.0}),  # what sample.py draws by default
-    (["--sampler", "ddim"], {"sampler": "ddim", "steps": 50, "eta": 0.0}),  # --steps 20 was applied to all
-    (["--sampler", "ddpm"], {"sampler": "ddpm", "steps": 1000}),
-    (["--sampler", "dpm++", "--eta", "0", "--steps", "10"], {"sampler": "dpm++", "steps": 10, "eta": 0.0}),
+    ([], SamplerConfig("dpm++", 20, 1.0, "logsnr")),  # what sample.py draws by default
+    (["--sampler", "ddim"], SamplerConfig("ddim", 50, 0.0, "time")),  # --steps 20 was applied to all
+    (["--sampler", "ddpm"], SamplerConfig("ddpm", 1000, None, "time")),
+    (["--sampler", "dpm++", "--eta", "0", "--steps", "10"], SamplerConfig("dpm++", 10, 0.0, "logsnr")),
 ])
 def test_a_single_evaluation_scores_what_sample_py_would_draw(argv, expected):
     [(weights, settings, guidance)] = evaluate.plan(evaluate.build_parser().parse_args(argv), 1000, False)
-    assert (weights, settings, guidance) == ("ema", expected, evaluate.GUIDANCE)
+    assert (weights, settings, guidance) == ("ema", expected, GUIDANCE)
 
 
 def test_guidance_and_a_guidance_sweep_are_not_both_taken():
     args = evaluate.build_parser().parse_args(["--guidance", "1", "--guidance-sweep", "0", "2"])
-    with pytest.raises(evaluate.UserError, match="--guidance-sweep scores its own scales: drop --guidance"):
+    with pytest.raises(UserError, match="--guidance-sweep scores its own scales: drop --guidance"):
         evaluate.plan(args, 20, conditional=True)
 
 
 def test_the_default_sweep_fits_a_model_with_fewer_timesteps():
     runs = evaluate.plan(evaluate.build_parser().parse_args(["--sweep"]), 20, False)  # was: "ddpm:1000" refused
-    assert max(settings["steps"] for _, settings, _ in runs) == 20
-    assert len(runs) == len({(w, tuple(s.items())) for w, s, _ in runs})  # no row twice
+    assert max(sampler.steps for _, sampler, _ in runs) == 20
+    assert len(runs) == len({(w, s) for w, s, _ in runs})  # no row twice
 
 
 def test_the_default_sweep_includes_the_default_sampler():
     runs = evaluate.plan(evaluate.build_parser().parse_args(["--sweep"]), 1000, False)
-    assert ("ema", {"sampler": "dpm++", "steps": 20, "eta": 1.0}, evaluate.GUIDANCE) in runs
-    assert ("ema", {"sampler": "dpm++", "steps": 20, "eta": 0.0}, evaluate.GUIDANCE) in runs  # and the ODE
+    assert ("ema", SamplerConfig("dpm++", 20, 1.0, "logsnr"), GUIDANCE) in runs
+    assert ("ema", SamplerConfig("dpm++", 20, 0.0, "logsnr"), GUIDANCE) in runs  # and the ODE
     assert {w for w, *_ in runs} == {"ema", "raw"}
 
 

@@ -15,7 +15,8 @@ import torch
 import data
 import sample
 import train
-from checkpoint import atomic_write, load_checkpoint
+from checkpoint import load_checkpoint
+from files import atomic_write
 from conftest import ROOT, leftovers, wait_for, write_idx
 
 GARBAGE = random.Random(0).randbytes(4096)  # fixed, so every run tries the same bytes
@@ -161,7 +162,7 @@ def test_processes_preparing_one_data_folder_at_once_all_succeed(fake_mnist, tmp
 def test_the_first_signal_is_recorded_and_the_second_aborts():
     """graceful_signals itself, in this process: what the loop sees after one Ctrl-C, and the abort on a
     second, with no step whose length the outcome could depend on."""
-    from cli import graceful_signals
+    from training import graceful_signals
 
     before = signal.getsignal(signal.SIGINT)
     with graceful_signals() as received:

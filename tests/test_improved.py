@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import samplers
 import evaluate
-import sample
 import train
-from checkpoint import build_model, load_checkpoint
+from checkpoint import load_checkpoint
 from config import TrainConfig
 from diffusion import HYBRID_LAMBDA, Diffusion, DiffusionConfig, TimestepSampler
 from samplers import sample_ddpm
@@ -191,26 +191,11 @@ def test_a_nan_loss_is_left_out_of_the_timestep_history():
     assert s.counts.tolist() == [1, 1, 0] and s.losses[1, 0] == 2.0
 
 
-def test_a_version_2_checkpoint_reads_as_fixed_small_and_resumes(good_checkpoint, tmp_path, tiny_config, tiny_run):
-    ckpt = load_checkpoint(good_checkpoint)
-    config = ckpt["config"]
-    v2 = {**{k: v for k, v in ckpt.items() if k != "timestep_history"}, "version": 2, "config": {
-        **config, "model": {k: v for k, v in config["model"].items() if k != "learned_variance"},
-        "diffusion": {k: v for k, v in config["diffusion"].items() if k not in ("variance", "loss")}}}
-    torch.save(v2, tmp_path / "ckpt.pt")
-    upgraded = load_checkpoint(tmp_path)
-    assert upgraded["config"] == config and upgraded["timestep_history"] is None
-    model, d = build_model(upgraded)
-    assert d.config.variance == "fixed_small" and model.out[-1].out_channels == 1
-    cfg = TrainConfig(**{**upgraded["config"]["train"], "epochs": 2})
-    assert tiny_run(tmp_path, tiny_config, cfg, resume=tmp_path)[2]["step"] == 8
-
-
 def test_guidance_steers_the_prediction_and_keeps_the_conditional_variance(tiny_config):
     model = random_unet(replace(tiny_config, num_classes=10, learned_variance=True))
     x, t, labels = torch.randn(2, 1, 28, 28), torch.tensor([3, 7]), torch.tensor([1, 4])
     with torch.no_grad():
-        out = sample.guided(model, labels, 2.0)(x, t)
+        out = samplers.guided(model, labels, 2.0)(x, t)
         cond, uncond = model(x, t, labels), model(x, t)
     assert_close(out[:, :1], 3 * cond[:, :1] - 2 * uncond[:, :1])
     # guided() runs both in one doubled batch: equal to the separate calls up to the rounding of another

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import train
+import training
 from checkpoint import load_checkpoint
-from cli import UserError, fastest_settings
+from cli import UserError
+from device import fastest_settings
+from methods import denoising
 from config import TrainConfig, resolve_configs
 from diffusion import DiffusionConfig
 from unet import UNetConfig
@@ -20,7 +23,7 @@ parse = lambda *argv: train.build_parser().parse_args(list(argv))
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_the_learning_rate_warms_up_then_decays_to_zero_at_the_planned_end(schedule):
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule=schedule)
-    lrs = [train.lr_at(s, cfg, 110) for s in range(110)]
+    lrs = [training.lr_at(s, cfg, 110) for s in range(110)]
     assert lrs[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])  # every schedule warms up alike
     assert lrs[10] == 1e-3
     after = lrs[10:]
@@ -31,7 +34,7 @@ def test_the_learning_rate_warms_up_then_decays_to_zero_at_the_planned_end(sched
         assert lrs[60] == pytest.approx(5e-4)  # half way through the decay: cos(pi/2) and the line agree
         last = 1 / 100 if schedule == "linear" else (1 + math.cos(math.pi * 99 / 100)) / 2  # 99 of 100 decay steps
         assert lrs[109] == pytest.approx(1e-3 * last)
-        assert train.lr_at(110, cfg, 110) == pytest.approx(0, abs=1e-18)
+        assert training.lr_at(110, cfg, 110) == pytest.approx(0, abs=1e-18)
 
 
 def test_the_optimizer_steps_with_the_schedule_and_max_steps_does_not_change_it(tmp_path, tiny_config, tiny_run,
@@ -42,7 +45,7 @@ def test_the_optimizer_steps_with_the_schedule_and_max_steps_does_not_change_it(
                         or step(self, *a, **k))
     cfg = TrainConfig(steps=12, batch_size=8, warmup_steps=2, lr_schedule="cosine", max_steps=5)
     tiny_run(tmp_path, tiny_config, cfg)
-    assert seen == [train.lr_at(s, cfg, 12) for s in range(5)]  # planned over 12 steps, though it stops at 5
+    assert seen == [training.lr_at(s, cfg, 12) for s in range(5)]  # planned over 12 steps, though it stops at 5
 
 
 def test_a_run_of_steps_resumes_exactly_with_every_new_setting(tmp_path, tiny_config, tiny_run):
@@ -77,16 +80,16 @@ def test_channels_last_trains_the_same_model(tmp_path, tiny_config, tiny_run):
 
 
 def test_max_minutes_plans_the_steps_from_the_measured_rate(tiny_config, monkeypatch):
-    built = train.setup(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
+    scratch, _ = denoising(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
-    monkeypatch.setattr(train, "measure_rate", lambda *a, **k: 10.0)  # steps per second
-    in_a_minute = lambda: train.time.time() + 60
-    cfg, rate = train.plan(TrainConfig(epochs=1000, batch_size=8), built, images, None, CPU, in_a_minute(), 4)
+    monkeypatch.setattr(training, "measure_rate", lambda *a, **k: 10.0)  # steps per second
+    in_a_minute = lambda: training.time.time() + 60
+    plan = lambda cfg, done=0: training.plan_length(cfg, scratch, images, None, CPU, in_a_minute(), 4, done)
+    cfg, rate = plan(TrainConfig(epochs=1000, batch_size=8))
     assert rate == 10 and 570 <= cfg.steps <= 582  # 97% of 600 steps, less the moments the test took
-    cfg, _ = train.plan(TrainConfig(epochs=2, batch_size=8), built, images, None, CPU, in_a_minute(), 4)
+    cfg, _ = plan(TrainConfig(epochs=2, batch_size=8))
     assert cfg.steps == 8  # the run's own end comes first
-    built[-1]["step"] = 100  # a resumed run plans the rest from where it is
-    cfg, _ = train.plan(TrainConfig(steps=1000, batch_size=8), built, images, None, CPU, in_a_minute(), 4)
+    cfg, _ = plan(TrainConfig(steps=1000, batch_size=8), done=100)  # the rest, from where a run is
     assert 670 <= cfg.steps <= 682
 
 
@@ -95,35 +98,36 @@ def test_measuring_the_rate_leaves_the_run_as_it_would_have_been(tiny_config):
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
     models = []
     for measure in (False, True):
-        model, ema, diffusion, optimizer, state = built = train.setup(tiny_config, DiffusionConfig(20), cfg, CPU)
+        method, state = denoising(tiny_config, DiffusionConfig(20), cfg, CPU)
         if measure:  # between setting the run up and training it, as train.py's --max-minutes does
-            _, rate = train.plan(cfg, built, images, None, CPU, train.time.time() + 60, 4)
+            scratch, _ = denoising(tiny_config, DiffusionConfig(20), cfg, CPU)
+            _, rate = training.plan_length(cfg, scratch, images, None, CPU, training.time.time() + 60, 4)
             assert 0 < rate < math.inf
-        train.train(model, ema, diffusion, optimizer, images, cfg, CPU, state, lambda: None)
-        models.append(model)
+        training.train(method, images, cfg, CPU, state, lambda: None)
+        models.append(method.parts[0].model)
     for a, b in zip(*(m.parameters() for m in models)):
         assert torch.equal(a, b)
 
 
 def test_a_run_too_short_to_time_keeps_its_own_length(tiny_config):
-    built = train.setup(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
+    scratch, _ = denoising(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
-    cfg, rate = train.plan(TrainConfig(steps=3, batch_size=8), built, images, None, CPU, train.time.time() + 60, 4)
+    cfg, rate = training.plan_length(TrainConfig(steps=3, batch_size=8), scratch, images, None, CPU,
+                                     training.time.time() + 60, 4)
     assert rate == math.inf and cfg.steps == 3  # all 3 steps are measure_rate's warm-up: no rate, no plan
 
 
 def test_the_deadline_stops_the_loop_with_a_checkpoint(tmp_path, tiny_config):
-    model, ema, diffusion, optimizer, state = train.setup(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8),
-                                                          CPU)
+    method, state = denoising(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
     saves = []
     images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
-    stopped = train.train(model, ema, diffusion, optimizer, images, TrainConfig(steps=50, batch_size=8), CPU, state,
-                          lambda: saves.append(state["step"]), deadline=train.time.time())
+    stopped = training.train(method, images, TrainConfig(steps=50, batch_size=8), CPU, state,
+                             lambda: saves.append(state["step"]), deadline=training.time.time())
     assert stopped == "--max-minutes" and state["step"] == 1 and saves == [1]
 
 
 def test_max_minutes_plans_a_new_run_that_a_resume_continues(cli, monkeypatch, capsys):
-    monkeypatch.setattr(train, "measure_rate", lambda *a, **k: 0.05)  # steps/s: 10 minutes afford about 29 steps
+    monkeypatch.setattr(training, "measure_rate", lambda *a, **k: 0.05)  # steps/s: 10 minutes afford about 29 steps
     flags = lambda *f: cli.command("train.py", *f, "--sample-n", "0")[2:]
     train.main(flags("--max-minutes", "10", "--epochs", "3"))  # 3 epochs of 256 // 16 steps: 48
     assert "run ends at step" in capsys.readouterr().out
@@ -141,8 +145,9 @@ def test_max_minutes_plans_a_new_run_that_a_resume_continues(cli, monkeypatch, c
 def test_resuming_in_another_memory_format_gives_adam_state_in_the_new_one(tmp_path, tiny_config, tiny_run):
     tiny_run(tmp_path, tiny_config, TrainConfig(steps=2, batch_size=8))
     ckpt = load_checkpoint(tmp_path)
-    _, _, _, optimizer, _ = train.setup(tiny_config, DiffusionConfig(20),
-                                        TrainConfig(batch_size=8, memory_format="channels_last"), CPU, ckpt)
+    method, _ = denoising(tiny_config, DiffusionConfig(20),
+                          TrainConfig(batch_size=8, memory_format="channels_last"), CPU, ckpt)
+    optimizer = method.parts[0].optimizer
     for p, kept in optimizer.state.items():
         for v in (kept["exp_avg"], kept["exp_avg_sq"]):
             assert v.stride() == p.stride()  # as fused Adam on a GPU requires
@@ -221,13 +226,3 @@ def test_a_decay_that_would_never_start_is_refused(cli, fails):
     assert "--lr-schedule constant" in err  # the way out for a user who never chose the preset's cosine decay
 
 
-def test_a_version_3_checkpoint_resumes_with_the_recipe_it_was_trained_with(good_checkpoint):
-    import checkpoint
-    ckpt = load_checkpoint(good_checkpoint)
-    new = ("steps", "lr_schedule", "ema_power", "memory_format")
-    v3 = {**ckpt, "version": 3, "config": {**ckpt["config"], "train": {
-        k: v for k, v in ckpt["config"]["train"].items() if k not in new}}}
-    upgraded = checkpoint._upgrade(v3, good_checkpoint)
-    assert upgraded["config"]["train"] == {**v3["config"]["train"], "steps": 0, "lr_schedule": "constant",
-                                           "ema_power": 8.0, "memory_format": "contiguous"}
-    assert replace(TrainConfig(), **upgraded["config"]["train"]) == TrainConfig(**ckpt["config"]["train"])

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+import training
 import data
 import train
 from diffusion import Diffusion, DiffusionConfig
-from checkpoint import FORMAT, VERSION, build_model, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint
 from cli import UserError
 from config import PER_COMMAND, PRESETS, TrainConfig, resolve_configs
 from unet import UNet, UNetConfig
@@ -92,7 +93,7 @@ def test_tiny_model_overfits_a_fixed_batch(tiny_config):
 @pytest.mark.parametrize("power", [8.0, 2.0])
 def test_ema_follows_its_formula(tiny_config, power):
     model = UNet(tiny_config)
-    ema = train.EMA(model, decay=0.9, power=power)
+    ema = training.EMA(model, decay=0.9, power=power)
     expected = [p.detach().clone() for p in model.parameters()]
     for n in range(1, 30):
         with torch.no_grad():
@@ -144,30 +145,6 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_config, tiny_run):
     assert s1["history"] == s2["history"]
 
 
-def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_run):
-    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
-    model, ema, _ = tiny_run(tmp_path, tiny_config, TrainConfig(epochs=1, batch_size=8, warmup_steps=1), images)
-    ckpt = load_checkpoint(tmp_path)
-    assert ckpt["step"] == 2 and ckpt["epoch"] == 0 and ckpt["ema_updates"] == 2
-    for source, use_ema in ((model, False), (ema.module, True)):
-        rebuilt, diffusion = build_model(ckpt, ema=use_ema)
-        assert rebuilt.config == model.config and diffusion.timesteps == 20
-        for a, b in zip(source.state_dict().values(), rebuilt.state_dict().values()):
-            assert torch.equal(a, b)
-
-
-def test_save_keeps_the_previous_checkpoint(tmp_path):
-    minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "ema_updates": 0, "optimizer": {},
-               "config": {"model": {}, "diffusion": {}}, "epoch": 0, "history": [], "distillation": None}
-    save_checkpoint({**minimal, "step": 1}, tmp_path)
-    save_checkpoint({**minimal, "step": 2}, tmp_path)
-    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
-    assert load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.prev.pt", "ckpt.pt"]
-    (tmp_path / "ckpt.pt").unlink()  # as if killed between the two renames
-    assert load_checkpoint(tmp_path)["step"] == 1
-
-
 # ---------------------------------------------------------------------------- configuration
 
 def parse(*argv):
@@ -216,42 +193,6 @@ def test_resume_refuses_to_change_what_the_data_order_depends_on(flags, message)
         resolve_configs(parse("--resume", "x", *flags), torch.device("cpu"), saved)
 
 
-def version_1(ckpt):
-    """The checkpoint as train.py wrote it before the format was versioned: format string '/1', an RNG
-    state, the per-command limits in the config, and no fields that TrainConfig gained later."""
-    old_train = {k: v for k, v in ckpt["config"]["train"].items() if k not in ("precision", "cond_drop", "grad_clip")}
-    v1 = {k: v for k, v in ckpt.items() if k not in ("version", "world_size", "timestep_history")}
-    config = ckpt["config"]
-    return {**v1, "format": "ddpm-fashion-mnist/1", "rng": {"cpu": torch.get_rng_state()},
-            "config": {"model": {k: v for k, v in config["model"].items() if k != "learned_variance"},
-                       "diffusion": {k: v for k, v in config["diffusion"].items() if k not in ("variance", "loss")},
-                       "train": {**old_train, "max_steps": 3, "compile": True}}}
-
-
-def test_older_checkpoints_load_and_newer_ones_say_so(good_checkpoint, tmp_path, fails):
-    import sample
-
-    ckpt = load_checkpoint(good_checkpoint)
-    torch.save(version_1(ckpt), tmp_path / "v1.pt")
-    upgraded = load_checkpoint(tmp_path / "v1.pt")
-    assert (upgraded["format"], upgraded["version"], upgraded["world_size"]) == (FORMAT, VERSION, 1)
-    assert "rng" not in upgraded and "max_steps" not in upgraded["config"]["train"]
-    assert upgraded["config"]["train"]["precision"] == "fp32" and upgraded["config"]["train"]["grad_clip"] == 0.0
-    assert upgraded["config"]["diffusion"] == ckpt["config"]["diffusion"] and upgraded["timestep_history"] is None
-    sample.main(["--checkpoint", str(tmp_path / "v1.pt"), "--output-dir", str(tmp_path / "out"), "--n", "2",
-                 "--steps", "2"])
-    assert (tmp_path / "out" / "samples.png").is_file()
-    model_cfg, _, cfg, _ = resolve_configs(parse("--resume", "x"), torch.device("cpu"), upgraded["config"])
-    assert model_cfg.width == 8 and cfg.max_steps == 0 and not cfg.compile  # was a KeyError
-
-    torch.save({**ckpt, "version": None}, tmp_path / "none.pt")  # ours, but no version: damaged, not newer
-    assert "is damaged: its format version is None" in fails(sample, ["--checkpoint", tmp_path / "none.pt"])
-    torch.save({**ckpt, "version": VERSION + 1}, tmp_path / "v3.pt")
-    err = fails(sample, ["--checkpoint", tmp_path / "v3.pt", "--output-dir", tmp_path / "o3"])
-    assert f"version {VERSION + 1}, and this code reads versions 1 to {VERSION}" in err
-    assert not (tmp_path / "o3").exists()
-
-
 def test_the_images_per_second_count_every_step_and_no_save(tmp_path, tiny_config, tiny_run, monkeypatch, capsys):
     """A clock that ticks one second per training step and stands still while saving: every log line must
     say batch / 1 s, also when checkpoints (every 3 steps) fall between log lines (every 4)."""
@@ -259,7 +200,7 @@ def test_the_images_per_second_count_every_step_and_no_save(tmp_path, tiny_confi
     step = torch.optim.Adam.step
     monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (clock.__setitem__(0, clock[0] + 1),
                                                                           step(self, *a, **k))[1])
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(training.time, "time", lambda: clock[0])
     cfg = TrainConfig(epochs=3, batch_size=4, log_every=4, checkpoint_every=3)
     tiny_run(tmp_path, tiny_config, cfg)  # 32 images: 24 steps
     rates = [line.split(", ")[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]

@@ -1,0 +1,237 @@
+"""The checkpoint format, in one place: what each version holds, every older version read (the files
+in tests/fixtures/ were written by the code of their version), the upgrade of each, the newest and
+previous file, atomic saves, and refusals of what cannot be read."""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import FORMAT, VERSION, build_model, load_checkpoint, save_checkpoint
+from cli import WriteError
+from config import TrainConfig, resolve_configs
+from methods import student_sampler
+from samplers import SamplerConfig
+from test_distill import distil
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def parse(*argv):
+    import train
+    return train.build_parser().parse_args(list(argv))
+
+
+# What a checkpoint of each format version holds. Change a config's fields or the checkpoint's keys, and
+# this fails until VERSION is bumped and checkpoint._upgrade() reads the version before (the bug of
+# version 1: TrainConfig grew fields under one format string, and older files ended in a KeyError).
+LAYOUTS = {2: {
+    "keys": ["config", "ema", "ema_updates", "epoch", "format", "history", "model", "optimizer", "step", "version",
+             "world_size"],
+    "UNetConfig": ["attn_resolutions", "channel_mults", "dropout", "image_size", "in_channels", "num_classes",
+                   "num_res_blocks", "width"],
+    "DiffusionConfig": ["min_snr_gamma", "prediction", "schedule", "timesteps"],
+    "TrainConfig": ["batch_size", "checkpoint_every", "cond_drop", "ema_decay", "epochs", "grad_clip", "log_every",
+                    "lr", "precision", "seed", "warmup_steps"],
+}}
+LAYOUTS[3] = {**LAYOUTS[2], "keys": sorted(LAYOUTS[2]["keys"] + ["timestep_history"]),
+              "UNetConfig": sorted(LAYOUTS[2]["UNetConfig"] + ["learned_variance"]),
+              "DiffusionConfig": sorted(LAYOUTS[2]["DiffusionConfig"] + ["loss", "variance"])}
+LAYOUTS[4] = {**LAYOUTS[3], "TrainConfig": sorted(LAYOUTS[3]["TrainConfig"] + ["ema_power", "lr_schedule",
+                                                                            "memory_format", "steps"])}
+LAYOUTS[5] = {**LAYOUTS[4], "keys": sorted(LAYOUTS[4]["keys"] + ["distillation"])}
+LAYOUTS[6] = LAYOUTS[5]  # a student's distillation record gained its sampler (test_checkpoint.py checks the upgrade)
+LAYOUTS[7] = LAYOUTS[6]  # a student's sampler became a SamplerConfig, its step count inside
+
+
+def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):
+    from dataclasses import fields
+
+    import checkpoint
+    from config import TrainConfig
+    from diffusion import DiffusionConfig
+    from unet import UNetConfig
+
+    ckpt = checkpoint.load_checkpoint(good_checkpoint)
+    now = {"keys": sorted(ckpt), "UNetConfig": sorted(f.name for f in fields(UNetConfig)),
+           "DiffusionConfig": sorted(f.name for f in fields(DiffusionConfig)),
+           "TrainConfig": sorted(TrainConfig().recipe())}
+    assert now == LAYOUTS[checkpoint.VERSION], "bump checkpoint.VERSION, upgrade the old version, record it here"
+
+
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_run):
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    model, ema, _ = tiny_run(tmp_path, tiny_config, TrainConfig(epochs=1, batch_size=8, warmup_steps=1), images)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["step"] == 2 and ckpt["epoch"] == 0 and ckpt["ema_updates"] == 2
+    for source, use_ema in ((model, False), (ema.module, True)):
+        rebuilt, diffusion = build_model(ckpt, ema=use_ema)
+        assert rebuilt.config == model.config and diffusion.timesteps == 20
+        for a, b in zip(source.state_dict().values(), rebuilt.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_save_keeps_the_previous_checkpoint(tmp_path):
+    minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "ema_updates": 0, "optimizer": {},
+               "config": {"model": {}, "diffusion": {}}, "epoch": 0, "history": [], "distillation": None}
+    save_checkpoint({**minimal, "step": 1}, tmp_path)
+    save_checkpoint({**minimal, "step": 2}, tmp_path)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "ckpt.prev.pt")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.prev.pt", "ckpt.pt"]
+    (tmp_path / "ckpt.pt").unlink()  # as if killed between the two renames
+    assert load_checkpoint(tmp_path)["step"] == 1
+
+
+def version_1(ckpt):
+    """The checkpoint as train.py wrote it before the format was versioned: format string '/1', an RNG
+    state, the per-command limits in the config, and no fields that TrainConfig gained later."""
+    old_train = {k: v for k, v in ckpt["config"]["train"].items() if k not in ("precision", "cond_drop", "grad_clip")}
+    v1 = {k: v for k, v in ckpt.items() if k not in ("version", "world_size", "timestep_history")}
+    config = ckpt["config"]
+    return {**v1, "format": "ddpm-fashion-mnist/1", "rng": {"cpu": torch.get_rng_state()},
+            "config": {"model": {k: v for k, v in config["model"].items() if k != "learned_variance"},
+                       "diffusion": {k: v for k, v in config["diffusion"].items() if k not in ("variance", "loss")},
+                       "train": {**old_train, "max_steps": 3, "compile": True}}}
+
+
+def test_older_checkpoints_load_and_newer_ones_say_so(good_checkpoint, tmp_path, fails):
+    import sample
+
+    ckpt = load_checkpoint(good_checkpoint)
+    torch.save(version_1(ckpt), tmp_path / "v1.pt")
+    upgraded = load_checkpoint(tmp_path / "v1.pt")
+    assert (upgraded["format"], upgraded["version"], upgraded["world_size"]) == (FORMAT, VERSION, 1)
+    assert "rng" not in upgraded and "max_steps" not in upgraded["config"]["train"]
+    assert upgraded["config"]["train"]["precision"] == "fp32" and upgraded["config"]["train"]["grad_clip"] == 0.0
+    assert upgraded["config"]["diffusion"] == ckpt["config"]["diffusion"] and upgraded["timestep_history"] is None
+    sample.main(["--checkpoint", str(tmp_path / "v1.pt"), "--output-dir", str(tmp_path / "out"), "--n", "2",
+                 "--steps", "2"])
+    assert (tmp_path / "out" / "samples.png").is_file()
+    model_cfg, _, cfg, _ = resolve_configs(parse("--resume", "x"), torch.device("cpu"), upgraded["config"])
+    assert model_cfg.width == 8 and cfg.max_steps == 0 and not cfg.compile  # was a KeyError
+
+    torch.save({**ckpt, "version": None}, tmp_path / "none.pt")  # ours, but no version: damaged, not newer
+    assert "is damaged: its format version is None" in fails(sample, ["--checkpoint", tmp_path / "none.pt"])
+    torch.save({**ckpt, "version": VERSION + 1}, tmp_path / "v3.pt")
+    err = fails(sample, ["--checkpoint", tmp_path / "v3.pt", "--output-dir", tmp_path / "o3"])
+    assert f"version {VERSION + 1}, and this code reads versions 1 to {VERSION}" in err
+    assert not (tmp_path / "o3").exists()
+
+
+def test_a_version_2_checkpoint_reads_as_fixed_small_and_resumes(good_checkpoint, tmp_path, tiny_config, tiny_run):
+    ckpt = load_checkpoint(good_checkpoint)
+    config = ckpt["config"]
+    v2 = {**{k: v for k, v in ckpt.items() if k != "timestep_history"}, "version": 2, "config": {
+        **config, "model": {k: v for k, v in config["model"].items() if k != "learned_variance"},
+        "diffusion": {k: v for k, v in config["diffusion"].items() if k not in ("variance", "loss")}}}
+    torch.save(v2, tmp_path / "ckpt.pt")
+    upgraded = load_checkpoint(tmp_path)
+    assert upgraded["config"] == config and upgraded["timestep_history"] is None
+    model, d = build_model(upgraded)
+    assert d.config.variance == "fixed_small" and model.out[-1].out_channels == 1
+    cfg = TrainConfig(**{**upgraded["config"]["train"], "epochs": 2})
+    assert tiny_run(tmp_path, tiny_config, cfg, resume=tmp_path)[2]["step"] == 8
+
+
+def test_a_version_3_checkpoint_resumes_with_the_recipe_it_was_trained_with(good_checkpoint):
+    import checkpoint
+    ckpt = load_checkpoint(good_checkpoint)
+    new = ("steps", "lr_schedule", "ema_power", "memory_format")
+    v3 = {**ckpt, "version": 3, "config": {**ckpt["config"], "train": {
+        k: v for k, v in ckpt["config"]["train"].items() if k not in new}}}
+    upgraded = checkpoint._upgrade(v3, good_checkpoint)
+    assert upgraded["config"]["train"] == {**v3["config"]["train"], "steps": 0, "lr_schedule": "constant",
+                                           "ema_power": 8.0, "memory_format": "contiguous"}
+    assert replace(TrainConfig(), **upgraded["config"]["train"]) == TrainConfig(**ckpt["config"]["train"])
+
+
+def test_a_student_records_its_sampler_and_a_version_5_student_reads_as_the_one_it_used(cli, good_checkpoint,
+                                                                                         tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "ckpt.pt").write_bytes(b"")  # a file in the working folder is not a --resume
+    monkeypatch.chdir(tmp_path / "cwd")
+    distil(cli, good_checkpoint, "--to-steps", 4)
+    ckpt = load_checkpoint(cli.ckpt / "4-steps")
+    record = ckpt["distillation"]
+    assert ckpt["version"] == checkpoint.VERSION and record["sampler"] == student_sampler(4).to_dict()
+    v5 = {k: v for k, v in record.items() if k != "sampler"} | {"steps": 4}  # as version 5 kept it
+    torch.save({**ckpt, "version": 5, "distillation": v5}, cli.out / "v5.pt")
+    upgraded = load_checkpoint(cli.out / "v5.pt")["distillation"]
+    assert upgraded["sampler"] == student_sampler(4).to_dict() and upgraded.keys() == record.keys()
+    assert SamplerConfig.from_flags(None, None, None, 20, SamplerConfig(**record["sampler"])) == student_sampler(4)
+
+
+def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, good_checkpoint, monkeypatch):
+    ckpt = load_checkpoint(good_checkpoint)
+    save_checkpoint(ckpt, tmp_path)
+
+    def dies(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(WriteError, match="No space left on device"):
+        save_checkpoint({**ckpt, "step": 999}, tmp_path)
+    assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------- files older code wrote
+
+PLAIN = ["v1.pt", "v2.pt", "v3.pt", "v4.pt", "v4-conditional.pt", "v5.pt", "v6.pt"]
+STUDENTS = ["v5-student.pt", "v6-student.pt"]
+
+
+@pytest.mark.parametrize("name", PLAIN + STUDENTS)
+def test_every_older_file_loads_in_todays_layout_and_samples(name, tmp_path):
+    import sample
+    ckpt = load_checkpoint(FIXTURES / name)
+    assert ckpt["version"] == VERSION and ckpt["format"] == FORMAT
+    model, diffusion = build_model(ckpt)
+    assert model.config.width == 8 and diffusion.timesteps == 20
+    if ckpt["distillation"]:  # a student samples with the sampler it was distilled for, and no other
+        assert SamplerConfig(**ckpt["distillation"]["sampler"]) == student_sampler(2)
+        checkpoint.build_teacher(ckpt)
+    sample.main(["--checkpoint", str(FIXTURES / name), "--output-dir", str(tmp_path), "--n", "3",
+                 "--save-npz", str(tmp_path / "s.npz")])
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "s.npz").is_file()
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_every_older_file_resumes(name, cli):
+    import train
+    (cli.ckpt).mkdir(parents=True)
+    (cli.ckpt / "ckpt.pt").write_bytes((FIXTURES / name).read_bytes())
+    before = load_checkpoint(cli.ckpt)
+    train.main([str(a) for a in ["--resume", cli.ckpt, "--epochs", 3, "--max-steps", before["step"] + 2,
+                                 "--sample-n", 0, "--data-dir", cli.data, "--output-dir", cli.out]])
+    after = load_checkpoint(cli.ckpt)
+    assert after["step"] == before["step"] + 2 and after["version"] == VERSION
+    assert after["config"]["model"] == before["config"]["model"]
+    assert not torch.equal(after["model"]["out.2.weight"], before["model"]["out.2.weight"])
+
+
+def test_a_version_1_file_resumes_with_the_model_flags_it_was_trained_with(cli):
+    """The version-1 upgrade once rebuilt attn_resolutions as a list, so that the same flags given again
+    (a tuple) read as a change of model and were refused."""
+    import train
+    (cli.ckpt).mkdir(parents=True)
+    (cli.ckpt / "ckpt.pt").write_bytes((FIXTURES / "v1.pt").read_bytes())
+    train.main([str(a) for a in ["--resume", cli.ckpt, "--epochs", 3, "--max-steps", 33, "--sample-n", 0,
+                                 "--width", 8, "--channel-mults", 1, 2, "--attn-resolutions", 14,
+                                 "--data-dir", cli.data, "--output-dir", cli.out]])
+    assert load_checkpoint(cli.ckpt)["step"] == 33
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_an_older_student_teaches_the_next_round(name, cli):
+    import distill
+    (cli.ckpt / "2-steps").mkdir(parents=True)
+    (cli.ckpt / "2-steps" / "ckpt.pt").write_bytes((FIXTURES / name).read_bytes())
+    distill.main([str(a) for a in ["--resume", cli.ckpt, "--to-steps", 1, "--sample-n", 0,
+                                   "--data-dir", cli.data, "--output-dir", cli.out]])
+    student = load_checkpoint(cli.ckpt / "1-steps")
+    assert student["distillation"]["sampler"] == student_sampler(1).to_dict()
+    assert student["distillation"]["round"] == 2 and student["step"] == 10
