@@ -3,7 +3,8 @@
 Training images/s of the training loop as train.py runs it, in each model-path setting, against a
 plain baseline (torchvision DataLoader with per-image transforms, fp32, default Adam); sampling
 images/s of every sampler; FLOPs per image, counted; and the fraction of this machine's fp32
-matrix-multiply peak, measured in the same run.
+matrix-multiply peak, measured in the same run. A thin command line: what it times is training.py's
+loop and samplers.generate, the code the other commands run.
 """
 import argparse
 import contextlib

@@ -1,5 +1,7 @@
 """A training run's settings: TrainConfig, the presets, and how the command's flags, a preset and a
-resumed checkpoint combine into the model, diffusion and training configs."""
+resumed checkpoint combine into the model, diffusion and training configs. The model's and the
+diffusion's own settings are UNetConfig (unet.py) and DiffusionConfig (diffusion.py); the sampler's
+are SamplerConfig (samplers.py)."""
 import argparse
 from dataclasses import asdict, dataclass, fields
 

@@ -1,4 +1,6 @@
-"""Fashion-MNIST: found on disk (or downloaded once), checked, kept as one uint8 tensor, shuffled by (seed, epoch)."""
+"""Fashion-MNIST: found on disk (or downloaded once), checked, kept as one uint8 tensor, shuffled by
+(seed, epoch); its class names. What the model sees of an image ([-1, 1]) is to_model_range's;
+nothing here trains or draws."""
 import contextlib
 import gzip
 import io

@@ -4,6 +4,7 @@ Features come from a small CNN classifier trained on the Fashion-MNIST train set
 checkpoints/classifier.pt). Generated images are compared with the 10,000 test images by FID,
 KID and precision/recall, and the classifier's predicted classes show whether any class is
 missing. Real train images scored the same way give the floor a perfect generator would reach.
+A thin command line: the classifier and the metrics are metrics.py's, the drawing samplers.generate.
 """
 import argparse
 import json

@@ -6,10 +6,10 @@ checkpoints, signals and torchrun.
 A Method has
     parts: [training.Part]  the networks it trains, each with its optimizer and EMA, stepped in this
                             order every step (one for DDPM; a generator and a critic would be two);
-    loss(k, net, batch)     the scalar loss that part k steps on: net is part k's network as the loop
-                            runs it (compiled, DDP-wrapped), batch a training.Batch. The method draws its own
-                            timesteps and noise from batch.generator, over the global batch, and
-                            keeps this rank's share, batch.mine.
+    loss(k, net, batch)     the scalar loss that part k steps on: net is part k's network as
+                            the loop runs it (compiled, DDP-wrapped), batch a training.Batch.
+                            The method draws its own timesteps and noise from batch.generator,
+                            over the global batch, and keeps this rank's share, batch.mine.
 Denoising is DDPM's objective (train.py), Distillation progressive distillation's (distill.py).
 """
 import torch

@@ -1,7 +1,8 @@
 """The denoiser: a small U-Net for 1x28x28 images, in the style of Ho et al. 2020 (appendix B).
 
 Resolutions go 28 -> 14 -> 7 and back: stride-2 convolutions halve, nearest-neighbour
-upsampling doubles, so every size is exact and nothing is cropped.
+upsampling doubles, so every size is exact and nothing is cropped. The network only maps (x_t, t[, y])
+to its prediction; what the prediction means is diffusion.py's.
 """
 import math
 from dataclasses import asdict, dataclass, fields
