@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+import train
 from checkpoint import load_checkpoint
 from conftest import TINY_FLAGS
 
@@ -137,3 +138,12 @@ def test_every_flag_has_help_and_the_help_renders(script):
     parser = importlib.import_module(script).build_parser()
     assert "usage:" in parser.format_help() and "(default: None)" not in parser.format_help()
     assert all(action.help for action in parser._actions)
+
+
+def test_the_loss_curve_is_named_after_the_loss_trained(cli, monkeypatch):
+    names = []
+    monkeypatch.setattr(train, "save_loss_history", lambda history, out, name: names.append(name))
+    for flags in ([], ["--min-snr-gamma", "5"], ["--prediction", "v"]):
+        train.main([str(a) for a in cli.command("train.py", "--max-steps", "1", "--sample-n", "0", "--overwrite",
+                                                *flags)[2:]])
+    assert names == ["L_simple, eps MSE", "eps MSE, min-SNR-5 weighted", "v MSE"]
