@@ -1,4 +1,5 @@
-"""Measure speed: `python bench.py` (see --help). Run it alone: another busy process skews every number.
+"""Measure speed: `python bench.py` (see --help).
+Run it alone: another busy process skews every number.
 
 Training images/s of the training loop as train.py runs it, in each model-path setting, against a
 plain baseline (torchvision DataLoader with per-image transforms, fp32, default Adam); sampling
@@ -70,8 +71,10 @@ def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
 
     torch.manual_seed(cfg.seed)
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    dataset = torchvision.datasets.FashionMNIST(data.prepare_fashion_mnist(data_dir), train=True, transform=to_tensor)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    dataset = torchvision.datasets.FashionMNIST(data.prepare_fashion_mnist(data_dir), train=True,
+                                                transform=to_tensor)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                                         drop_last=True)
     model, diffusion = UNet(model_cfg).to(device), Diffusion(DiffusionConfig()).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     for i, (x0, _) in enumerate(loader):
@@ -93,27 +96,35 @@ def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
 def sample_rate(model, diffusion, sampler, steps, n, precision):
     """Images per second of generate() with this sampler (its default eta) and step count."""
     start = time.perf_counter()
-    generate(model, diffusion, n, sampler=SamplerConfig(sampler, steps), progress=False, precision=precision)
+    generate(model, diffusion, n, sampler=SamplerConfig(sampler, steps), progress=False,
+             precision=precision)
     return n / (time.perf_counter() - start)
 
 
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="auto", choices=["auto", "cpu", "gpu"], help="model and batch to measure (auto)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--preset", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="model and batch to measure (auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing (5; compile adds 3)")
-    p.add_argument("--sample-n", type=int, help="images per sampling measurement (64 on CPU, 1000 on GPU)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps before each timing (5; compile adds 3)")
+    p.add_argument("--sample-n", type=int,
+                   help="images per sampling measurement (64 on CPU, 1000 on GPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["compile", "ddpm1000", "training"],
-                   help="leave out measurements: compile, ddpm1000 (sampling 1000 steps), training (all of it)")
+                   help="leave out measurements: compile, ddpm1000 (sampling 1000 steps), "
+                        "training (all of it)")
     p.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (data)")
-    p.add_argument("--json", default="output/bench.json", help="where to write the results (output/bench.json)")
+    p.add_argument("--json", default="output/bench.json",
+                   help="where to write the results (output/bench.json)")
     return p
 
 
 def run(args):
     check(args.steps > 0 and args.warmup > 0, "--steps and --warmup must be positive")
-    check(args.sample_n is None or args.sample_n > 0, f"--sample-n must be positive, got {args.sample_n}")
+    check(args.sample_n is None or args.sample_n > 0,
+          f"--sample-n must be positive, got {args.sample_n}")
     check_writable(Path(args.json).parent, "--json")
 
     device = pick_device(args.device)
@@ -123,13 +134,15 @@ def run(args):
     model, diffusion = UNet(configs[0]), Diffusion(configs[1])
     train_flops, sample_flops = flops_per_image(model, diffusion)
     peak = matmul_peak(device)
-    print(f"{device} ({torch.get_num_threads()} threads), preset {preset}: {train_flops / 1e9:.2f} GFLOP per "
-          f"training image, {sample_flops / 1e9:.2f} per network evaluation; fp32 matmul peak {peak:.0f} GFLOP/s")
+    print(f"{device} ({torch.get_num_threads()} threads), preset {preset}: "
+          f"{train_flops / 1e9:.2f} GFLOP per training image, {sample_flops / 1e9:.2f} per network "
+          f"evaluation; fp32 matmul peak {peak:.0f} GFLOP/s")
     rows = []
     if "training" not in args.skip:
         images = data.load_fashion_mnist(args.data_dir)[0].to(device)
         rows += training_rows(args, configs, images, device, train_flops / 1e9 / peak)
-    rows += sampling_rows(args, model.to(device).eval(), diffusion.to(device), device, sample_flops / 1e9 / peak)
+    rows += sampling_rows(args, model.to(device).eval(), diffusion.to(device), device,
+                          sample_flops / 1e9 / peak)
     results = {"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
                "train_flops_per_image": train_flops, "sample_flops_per_nfe": sample_flops,
                "matmul_peak_gflops": peak, "rows": rows}
@@ -160,12 +173,15 @@ def training_rows(args, configs, images, device, share):
     if device.type == "cuda":
         settings += [("tensor data path, fp32, TF32", dict(precision="fp32"), dict(tf32=True))]
     if "compile" not in args.skip:
-        settings += [("tensor data path, fp32, torch.compile", dict(precision="fp32", compile=True), {}),
-                     ("tensor data path, bf16, torch.compile", dict(precision="bf16", compile=True), {})]
+        settings += [("tensor data path, fp32, torch.compile",
+                      dict(precision="fp32", compile=True), {}),
+                     ("tensor data path, bf16, torch.compile",
+                      dict(precision="bf16", compile=True), {})]
     for name, options, extra in settings:
         warmup = args.warmup + (3 if options.get("compile") else 0)
         with tf32(extra.pop("tf32", False)):
-            setting = replace(cfg, **{"memory_format": "contiguous", **options})  # each row names its own
+            # each row names its own
+            setting = replace(cfg, **{"memory_format": "contiguous", **options})
             scratch, _ = denoising(model_cfg, diffusion_cfg, setting, device)
             rate = cfg.batch_size * measure_rate(scratch, images, setting, device, steps=args.steps,
                                                  warmup=warmup)
@@ -174,9 +190,11 @@ def training_rows(args, configs, images, device, share):
 
 
 def sampling_rows(args, model, diffusion, device, share):
-    """Sampling images/s of each sampler in fp32 and bf16, and under no_grad against inference_mode."""
+    """Sampling images/s of each sampler in fp32 and bf16, and under no_grad against
+    inference_mode."""
     rows = []
-    print(f"sampling ({args.sample_n} images, batch {min(args.sample_n, default_batch_size(device))})")
+    print(f"sampling ({args.sample_n} images, "
+          f"batch {min(args.sample_n, default_batch_size(device))})")
     grid = [("ddpm", 100), ("ddim", 50), ("dpm++", 20), ("dpm++", 10)]
     if "ddpm1000" not in args.skip:
         grid.insert(0, ("ddpm", 1000))
@@ -189,7 +207,8 @@ def sampling_rows(args, model, diffusion, device, share):
                   f"{rows[-1]['fraction_of_peak']:6.1%} of peak", flush=True)
 
     # The samplers run under torch.no_grad; inference_mode also skips autograd's version counters.
-    for mode, context in (("no_grad", contextlib.nullcontext), ("inference_mode", torch.inference_mode)) * 2:
+    for mode, context in (("no_grad", contextlib.nullcontext),
+                          ("inference_mode", torch.inference_mode)) * 2:
         with context():
             rate = sample_rate(model, diffusion, "dpm++", 20, args.sample_n, "fp32")
         rows.append({"setting": f"sample dpm++-20 fp32 {mode}", "images_per_s": rate})

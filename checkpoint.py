@@ -66,7 +66,8 @@ def make_checkpoint(part, diffusion, train_config, state, world_size, importance
 # ---------------------------------------------------------------------------- reading
 
 def resolve_checkpoint(path):
-    """A checkpoint file, or the newest one in a folder (ckpt.pt, else ckpt.prev.pt if a save was cut short)."""
+    """A checkpoint file, or the newest one in a folder (ckpt.pt, else ckpt.prev.pt if a save was
+    cut short)."""
     path = Path(path)
     if path.is_file():
         return path
@@ -77,12 +78,13 @@ def resolve_checkpoint(path):
         found = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
         raise UserError(f"no checkpoint in {path}/ (it holds: {', '.join(found) or 'nothing'}); "
                         f"train one with `python train.py` or pass --checkpoint PATH")
-    raise UserError(f"checkpoint {path} does not exist; train one with `python train.py` or pass --checkpoint PATH")
+    raise UserError(f"checkpoint {path} does not exist; train one with `python train.py` or pass "
+                    f"--checkpoint PATH")
 
 
 class Damaged(UserError):
-    """The file cannot be what it claims: unreadable, cut short, or missing parts. A damaged ckpt.pt gives
-    way to the ckpt.prev.pt beside it; other refusals (foreign, newer, non-finite) do not."""
+    """The file cannot be what it claims: unreadable, cut short, or missing parts. A damaged ckpt.pt
+    gives way to the ckpt.prev.pt beside it; other refusals (foreign, newer, non-finite) do not."""
 
 
 def _read(path):
@@ -92,11 +94,13 @@ def _read(path):
     except pickle.UnpicklingError as e:
         code = re.search(r"GLOBAL ([\w.]+)", str(e))  # how torch names a callable the file wants to import
         if code:
-            raise UserError(f"refusing {path}: it asks to run {code[1]}, which weights_only loading never does; "
-                            f"load only checkpoints made by train.py") from None
-        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): not a valid pickle") from None
+            raise UserError(f"refusing {path}: it asks to run {code[1]}, which weights_only "
+                            f"loading never does; load only checkpoints made by train.py") from None
+        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): "
+                      f"not a valid pickle") from None
     except Exception as e:  # truncated, not a zip, not a torch file: all mean the file is unusable
-        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): {first_line(e, 100)}") from None
+        raise Damaged(f"cannot read checkpoint {path} (damaged or not a checkpoint): "
+                      f"{first_line(e, 100)}") from None
 
 
 # What older versions left out, frozen as they were: later defaults must never change how an old
@@ -177,11 +181,11 @@ def _version(ckpt, path):
         raise UserError(f"{path} is not a checkpoint of this project (expected format {FORMAT!r})")
     version = 1 if ckpt["format"] == "ddpm-fashion-mnist/1" else ckpt.get("version")
     if not isinstance(version, int) or version < 1:
-        raise Damaged(f"checkpoint {path} is damaged: its format version is {version!r}, not a number "
-                      f"from 1 up")
+        raise Damaged(f"checkpoint {path} is damaged: its format version is {version!r}, not a "
+                      f"number from 1 up")
     if version > VERSION:
-        raise UserError(f"{path} is checkpoint version {version}, and this code reads versions 1 to "
-                        f"{VERSION}: update this repository (git pull) to read it")
+        raise UserError(f"{path} is checkpoint version {version}, and this code reads versions "
+                        f"1 to {VERSION}: update this repository (git pull) to read it")
     return version
 
 
@@ -189,13 +193,15 @@ def _complete(ckpt, path, version):
     """Refuse a file that lacks what every version holds, or whose weights or configs are not tables."""
     missing = sorted(set(REQUIRED) - set(ckpt))
     if missing:
-        raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks {', '.join(missing)}")
+        raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks "
+                      f"{', '.join(missing)}")
     config = ckpt["config"]
-    tables = (ckpt["model"], ckpt["ema"], *((config.get(k, {}) for k in ("model", "diffusion", "train"))
-                                            if isinstance(config, dict) else [None]))
+    tables = (ckpt["model"], ckpt["ema"],
+              *((config.get(k, {}) for k in ("model", "diffusion", "train"))
+                if isinstance(config, dict) else [None]))
     if not all(isinstance(t, dict) for t in tables):
-        raise Damaged(f"checkpoint {path} (version {version}) is damaged: its weights or config are "
-                      f"not tables")
+        raise Damaged(f"checkpoint {path} (version {version}) is damaged: its weights or config "
+                      f"are not tables")
 
 
 def _check_student(record, path):
@@ -211,7 +217,8 @@ def _check_student(record, path):
             raise ValueError(f"a student's step count is a positive number, not {sampler.steps!r}")
     except (TypeError, ValueError) as e:
         raise Damaged(f"checkpoint {path} is damaged: its student's sampler "
-                      f"{record['sampler']!r} is not one this code knows ({first_line(e, 100)})") from None
+                      f"{record['sampler']!r} is not one this code knows "
+                      f"({first_line(e, 100)})") from None
 
 
 def _upgrade(ckpt, path):
@@ -221,8 +228,8 @@ def _upgrade(ckpt, path):
     for v in range(version, VERSION):
         ckpt = {**UPGRADES[v](ckpt), "version": v + 1}
     if "distillation" not in ckpt:
-        raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks its distillation "
-                      f"record")
+        raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks its "
+                      f"distillation record")
     _check_student(ckpt["distillation"], path)
     return ckpt
 
@@ -235,23 +242,26 @@ def _checked(ckpt, path):
         bad = next((k for k, v in ckpt[key].items() if torch.is_tensor(v) and v.is_floating_point()
                     and not v.isfinite().all()), None)
         if bad:
-            raise UserError(f"{path}: its {key} weights hold NaN or Inf (first in {bad}), so nothing can be sampled "
-                            f"or resumed from it; use an earlier checkpoint or train again")
+            raise UserError(f"{path}: its {key} weights hold NaN or Inf (first in {bad}), so "
+                            f"nothing can be sampled or resumed from it; use an earlier checkpoint "
+                            f"or train again")
     return ckpt
 
 
 def open_checkpoint(path, fallback=True):
-    """(checkpoint, the file it came from). A damaged ckpt.pt gives way to the ckpt.prev.pt beside it,
-    with a warning on stderr, when fallback is set; anything else wrong is a UserError."""
+    """(checkpoint, the file it came from). A damaged ckpt.pt gives way to the ckpt.prev.pt beside
+    it, with a warning on stderr, when fallback is set; anything else wrong is a UserError."""
     file = resolve_checkpoint(path)
     try:
         return _checked(_read(file), file), file
     except UserError as e:
         previous = file.with_name(CHECKPOINT_NAMES[1])
-        if not (fallback and file.name == CHECKPOINT_NAMES[0] and previous.is_file() and isinstance(e, Damaged)):
+        if not (fallback and file.name == CHECKPOINT_NAMES[0] and previous.is_file()
+                and isinstance(e, Damaged)):
             raise
         ckpt = _checked(_read(previous), previous)
-        print(f"warning: {e}; using the previous checkpoint {previous} (step {ckpt['step']}) instead", file=sys.stderr)
+        print(f"warning: {e}; using the previous checkpoint {previous} "
+              f"(step {ckpt['step']}) instead", file=sys.stderr)
         return ckpt, previous
 
 
@@ -261,13 +271,13 @@ def load_checkpoint(path, fallback=True):
 
 
 def restore(ckpt, part, state, importance=None):
-    """Load a checkpoint's training state into a freshly built training.Part (model, Adam, EMA), the
-    loop's state dict and, for L_vlb, the timestep sampler; a checkpoint that lacks it or does not fit
-    them is refused in one line."""
+    """Load a checkpoint's training state into a freshly built training.Part (model, Adam, EMA),
+    the loop's state dict and, for L_vlb, the timestep sampler; a checkpoint that lacks it or does
+    not fit them is refused in one line."""
     missing = [k for k in RESUME if k not in ckpt]
     if missing:
-        raise UserError(f"the checkpoint cannot be resumed: it lacks {', '.join(missing)} (sample.py "
-                        f"can still draw from it)")
+        raise UserError(f"the checkpoint cannot be resumed: it lacks {', '.join(missing)} "
+                        f"(sample.py can still draw from it)")
     try:
         part.model.load_state_dict(ckpt["model"])
         part.ema.module.load_state_dict(ckpt["ema"])
@@ -277,7 +287,8 @@ def restore(ckpt, part, state, importance=None):
             for k, v in kept.items():                  # format, which fused Adam requires and a
                 if torch.is_tensor(v) and v.shape == p.shape:  # resumed run may have changed
                     kept[k] = torch.empty_like(p).copy_(v)
-        state.update(step=ckpt["step"], epoch=ckpt["epoch"], history=[tuple(h) for h in ckpt["history"]])
+        state.update(step=ckpt["step"], epoch=ckpt["epoch"],
+                     history=[tuple(h) for h in ckpt["history"]])
         if (ckpt["timestep_history"] is None) != (importance is None):
             raise ValueError("a timestep history is kept for loss vlb, and only there")
         if importance is not None:
@@ -304,23 +315,26 @@ def build_model(ckpt, device="cpu", ema=True):
 
 
 def teacher_checkpoint(model, diffusion):
-    """A model's weights and configs as a distilled checkpoint keeps its teacher: build_teacher() reads it back."""
+    """A model's weights and configs as a distilled checkpoint keeps its teacher: build_teacher()
+    reads it back."""
     return {"config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict()},
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 def build_teacher(ckpt, device="cpu"):
-    """The teacher a distilled checkpoint learned from, rebuilt from the copy it keeps: (model, diffusion)."""
+    """The teacher a distilled checkpoint learned from, rebuilt from the copy it keeps: (model,
+    diffusion)."""
     teacher = ckpt["distillation"]["teacher"]
     return build_model({"config": teacher["config"], "ema": teacher["weights"]}, device)
 
 
-# ---------------------------------------------------------------------------- the folder a run writes
+# ------------------------------------------------------------------------ the folder a run writes
 
 @contextlib.contextmanager
 def locked(folder, flag="--checkpoint-dir"):
-    """Hold folder/.lock while inside, so that a second run on the same folder stops at once. The lock
-    is the operating system's (flock), so it dies with its process: a killed run leaves no stale lock."""
+    """Hold folder/.lock while inside, so that a second run on the same folder stops at once. The
+    lock is the operating system's (flock), so it dies with its process: a killed run leaves no
+    stale lock."""
     f = open(Path(folder) / ".lock", "a+")
     try:
         if fcntl:
@@ -331,11 +345,13 @@ def locked(folder, flag="--checkpoint-dir"):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise UserError(f"{folder}/ is in use by {holder}; wait for it to end, or choose another {flag}") from None
+        raise UserError(f"{folder}/ is in use by {holder}; wait for it to end, or choose another "
+                        f"{flag}") from None
     try:
         f.seek(0)
         f.truncate()
-        f.write(f"{Path(sys.argv[0]).name} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        f.write(f"{Path(sys.argv[0]).name} (pid {os.getpid()}, "
+                f"started {time.strftime('%Y-%m-%d %H:%M:%S')})")
         f.flush()
         yield
     finally:
@@ -343,9 +359,10 @@ def locked(folder, flag="--checkpoint-dir"):
 
 
 def continues(folder, source):
-    """Whether a run resuming from the file `source` continues the run saved in folder: it is one of that
-    folder's own checkpoints (another file there, such as a kept copy, is not)."""
-    return source is not None and source.name in CHECKPOINT_NAMES and source.parent.resolve() == Path(folder).resolve()
+    """Whether a run resuming from the file `source` continues the run saved in folder: it is one of
+    that folder's own checkpoints (another file there, such as a kept copy, is not)."""
+    return (source is not None and source.name in CHECKPOINT_NAMES
+            and source.parent.resolve() == Path(folder).resolve())
 
 
 def claim_folder(folder, source, overwrite):
@@ -354,18 +371,20 @@ def claim_folder(folder, source, overwrite):
     folder = Path(folder)
     ours = continues(folder, source)
     if ours and overwrite:
-        raise UserError("--overwrite starts a new run over an old one, --resume continues it: give one of them")
+        raise UserError("--overwrite starts a new run over an old one, --resume continues it: "
+                        "give one of them")
     earlier = [name for name in CHECKPOINT_NAMES if (folder / name).exists()]
     if earlier and not (ours or overwrite):
-        raise UserError(f"{folder}/ already holds a run ({', '.join(earlier)}): continue it with --resume {folder}, "
-                        f"replace it with --overwrite, or choose another --checkpoint-dir")
+        raise UserError(f"{folder}/ already holds a run ({', '.join(earlier)}): continue it with "
+                        f"--resume {folder}, replace it with --overwrite, or choose another "
+                        f"--checkpoint-dir")
 
 
 def take_folder(folder, resume, source, overwrite):
-    """Once every check has passed, make folder ready for the run's saves: remove temporary files of a run
-    killed while saving, the earlier run's checkpoints if overwrite (so that nothing could resume it by
-    mistake), and move a damaged ckpt.pt that open_checkpoint() fell back from (resume: what --resume
-    named) aside to ckpt.damaged*.pt, out of the rotation."""
+    """Once every check has passed, make folder ready for the run's saves: remove temporary files of
+    a run killed while saving, the earlier run's checkpoints if overwrite (so that nothing could
+    resume it by mistake), and move a damaged ckpt.pt that open_checkpoint() fell back from (resume:
+    what --resume named) aside to ckpt.damaged*.pt, out of the rotation."""
     folder = Path(folder)
     for leftover in folder.glob(".ckpt*.tmp"):  # no one else writes here: the caller holds the lock
         leftover.unlink()

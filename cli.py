@@ -20,7 +20,8 @@ class Diverged(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a bad flag is one line on stderr (status 2) instead of the usage block."""
+    """argparse, except that a bad flag is one line on stderr (status 2) instead of the usage
+    block."""
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -36,7 +37,8 @@ def run_command(run, args):
     except Diverged as e:
         print(f"error: training diverged: {e}. Resume from it with a lower --lr.", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C where no handler of ours runs, or a second one while training
+    except KeyboardInterrupt:
+        # Ctrl-C where no handler of ours runs, or a second one while training
         print("\naborted", file=sys.stderr)
         sys.exit(130)
 
@@ -48,7 +50,8 @@ def check(ok, message):
 
 
 def check_writable(folder, flag):
-    """Create folder if needed and prove a file can be written there, before any long work starts."""
+    """Create folder if needed and prove a file can be written there, before any long work
+    starts."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,10 @@ import torch
 from files import atomic_write
 from cli import UserError
 
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+           "Bag", "Ankle boot")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -29,16 +31,19 @@ def _find_idx_files(folder):
 
 
 def _copy(src, dst):
-    """Copy src (decompressing a .gz) to dst, atomically, once it has proved to be a whole IDX file."""
-    fresh = ("get a fresh copy: apt-get install --reinstall dataset-fashion-mnist" if DEBIAN_DIR in src.parents
-             else "replace it with a good copy")
+    """Copy src (decompressing a .gz) to dst, atomically, once it has proved to be a whole IDX
+    file."""
+    fresh = ("get a fresh copy: apt-get install --reinstall dataset-fashion-mnist"
+             if DEBIAN_DIR in src.parents else "replace it with a good copy")
     try:
         with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
             content = f.read()
     except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"cannot read {src} ({e.strerror if isinstance(e, OSError) and e.strerror else e}): it is "
-                        f"damaged; {fresh}") from None
-    parse_idx(content, 3 if "images" in dst.name else 1, src, fresh)  # a bad source would be copied forever
+        raise UserError(f"cannot read {src} "
+                        f"({e.strerror if isinstance(e, OSError) and e.strerror else e}): "
+                        f"it is damaged; {fresh}") from None
+    # a bad source would be copied forever
+    parse_idx(content, 3 if "images" in dst.name else 1, src, fresh)
     atomic_write(dst, lambda f: f.write(content))
 
 
@@ -50,7 +55,8 @@ def prepare_fashion_mnist(data_dir):
     """
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} is a file, not a folder; point --data-dir at a folder (default: data)")
+        raise UserError(f"--data-dir {data_dir} is a file, not a folder; point --data-dir at a "
+                        f"folder (default: data)")
     raw = data_dir / "FashionMNIST" / "raw"
     if all((raw / n).is_file() for n in IDX_FILES):
         return data_dir
@@ -65,32 +71,37 @@ def prepare_fashion_mnist(data_dir):
     print(f"Fashion-MNIST not found locally; downloading it with torchvision into {data_dir}/")
     try:
         import torchvision
-        with contextlib.redirect_stdout(io.StringIO()):  # its per-mirror chatter; a failure is reported below
+        # its per-mirror chatter; a failure is reported below
+        with contextlib.redirect_stdout(io.StringIO()):
             torchvision.datasets.FashionMNIST(data_dir, download=True)
         return data_dir
     except Exception as e:  # no network, proxy, mirror down: all end the same way for the user
         raise UserError(
-            f"Fashion-MNIST not found in {data_dir}/ and the download failed ({type(e).__name__}). Get it one of "
-            f"three ways: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu); put the four IDX files in "
-            f"{raw}/ or point $FASHION_MNIST_DIR at them; or rerun with internet access.") from None
+            f"Fashion-MNIST not found in {data_dir}/ and the download failed ({type(e).__name__}). "
+            f"Get it one of three ways: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu); "
+            f"put the four IDX files in {raw}/ or point $FASHION_MNIST_DIR at them; or rerun with "
+            f"internet access.") from None
 
 
 def parse_idx(raw, ndim, path, fix):
-    """The bytes of a uint8 IDX file (the MNIST format: a 4-byte magic, big-endian sizes, the bytes) as a
-    tensor, checked so that a truncated or foreign file is one line naming it (path) and the fix."""
+    """The bytes of a uint8 IDX file (the MNIST format: a 4-byte magic, big-endian sizes, the bytes)
+    as a tensor, checked so that a truncated or foreign file is one line naming it (path) and the
+    fix."""
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
-        raise UserError(f"{path} is not a uint8 IDX file with {ndim} dimension(s) (damaged?); {fix}")
+        raise UserError(f"{path} is not a uint8 IDX file with {ndim} dimension(s) (damaged?); "
+                        f"{fix}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     if len(raw) != header + int(np.prod(shape)):
-        raise UserError(f"{path} is damaged: its header promises {shape} but it holds {len(raw) - header} bytes "
-                        f"of data; {fix}")
+        raise UserError(f"{path} is damaged: its header promises {shape} but it holds "
+                        f"{len(raw) - header} bytes of data; {fix}")
     return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy())
 
 
 def read_idx(path, ndim):
     """parse_idx of the file at path, a copy that prepare_fashion_mnist() made."""
-    return parse_idx(Path(path).read_bytes(), ndim, path, f"delete {path} and run again to copy it afresh")
+    return parse_idx(Path(path).read_bytes(), ndim, path,
+                     f"delete {path} and run again to copy it afresh")
 
 
 def load_fashion_mnist(data_dir, train=True):
@@ -99,10 +110,12 @@ def load_fashion_mnist(data_dir, train=True):
     images_file, labels_file = (raw / name for name in (IDX_FILES[:2] if train else IDX_FILES[2:]))
     images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
     if images.shape[1:] != (28, 28):
-        raise UserError(f"{images_file} holds {tuple(images.shape[1:])} images, not 28x28; is it Fashion-MNIST?")
+        raise UserError(f"{images_file} holds {tuple(images.shape[1:])} images, not 28x28; "
+                        f"is it Fashion-MNIST?")
     if len(images) != len(labels) or not len(labels) or labels.max() >= len(CLASSES):
-        raise UserError(f"{labels_file} does not match {images_file} ({len(labels)} labels, each to be 0-9, for "
-                        f"{len(images)} images); delete both and run again to copy them afresh")
+        raise UserError(f"{labels_file} does not match {images_file} "
+                        f"({len(labels)} labels, each to be 0-9, for {len(images)} images); "
+                        f"delete both and run again to copy them afresh")
     return images, labels.long()
 
 
@@ -122,7 +135,8 @@ def to_model_range(images_uint8):
 
 
 def epoch_batches(n, batch_size, seed, epoch, device):
-    """Index batches of one epoch; the order depends only on (seed, epoch), so a resumed run sees the same."""
+    """Index batches of one epoch; the order depends only on (seed, epoch), so a resumed run sees
+    the same."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).to(device)
     return perm[: n // batch_size * batch_size].view(-1, batch_size)

@@ -18,7 +18,8 @@ def pick_device(name):
         available = {"cpu": True, "cuda": torch.cuda.is_available(),
                      "mps": torch.backends.mps.is_available()}
         if not available.get(device.type, True):
-            raise UserError(f"--device {name}: this machine has no {device.type} device; use --device auto")
+            raise UserError(f"--device {name}: this machine has no {device.type} device; "
+                            f"use --device auto")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -28,22 +29,25 @@ def pick_device(name):
 
 
 def default_batch_size(device):
-    """Images per sampling batch: on a CPU 64 is fastest (more spills the caches), a GPU wants many."""
+    """Images per sampling batch: on a CPU 64 is fastest (more spills the caches), a GPU wants
+    many."""
     return 64 if device.type == "cpu" else 1000
 
 
 def _has_bf16(device):
-    """Whether the device is a CPU with bf16 instructions (AVX512-BF16 or AMX). The probes are private
-    and older torch may lack them: then no."""
+    """Whether the device is a CPU with bf16 instructions (AVX512-BF16 or AMX). The probes are
+    private and older torch may lack them: then no."""
     has = lambda name: getattr(torch.cpu, name, lambda: False)()
-    return device.type == "cpu" and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported"))
+    return device.type == "cpu" and (has("_is_avx512_bf16_supported")
+                                     or has("_is_amx_tile_supported"))
 
 
 def fastest_settings(device, precision="auto", memory_format="auto"):
     """Training's precision and memory format on this device, each "auto" replaced by what it picks
-    there, the format after the precision (docs/results.md, "Speed"); anything else is kept.
-    A CPU with bf16 instructions trains fastest in bf16 autocast; channels_last helps a CPU in fp32
-    but slowed bf16 on the Intel Xeon. A GPU keeps fp32 and contiguous: both measured slower on the H100."""
+    there, the format after the precision (docs/results.md, "Speed"); anything else is kept. A CPU
+    with bf16 instructions trains fastest in bf16 autocast; channels_last helps a CPU in fp32 but
+    slowed bf16 on the Intel Xeon. A GPU keeps fp32 and contiguous: both measured slower on the
+    H100."""
     if precision == "auto":
         precision = "bf16" if _has_bf16(device) else "fp32"
     if memory_format == "auto":

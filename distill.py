@@ -1,9 +1,11 @@
-"""Progressive distillation (Salimans & Ho 2022): `python distill.py` halves a trained model's sampling steps
-round by round, 64 -> 32 -> ... -> 4 by default; then `python sample.py --checkpoint checkpoints/distilled/4-steps`.
+"""Progressive distillation (Salimans & Ho 2022): `python distill.py` halves a trained model's
+sampling steps round by round, 64 -> 32 -> ... -> 4 by default; then
+`python sample.py --checkpoint checkpoints/distilled/4-steps`.
 
-Each round's student starts as a copy of its teacher and learns to take, in one deterministic DDIM step, the
-two steps its teacher takes; it then teaches the next round. The students predict v (sec. 4 of the paper).
-A thin command line over the rounds: the objective is methods.Distillation, the loop training.train."""
+Each round's student starts as a copy of its teacher and learns to take, in one deterministic DDIM
+step, the two steps its teacher takes; it then teaches the next round. The students predict v
+(sec. 4 of the paper). A thin command line over the rounds: the objective is methods.Distillation,
+the loop training.train."""
 import argparse
 import math
 import sys
@@ -25,14 +27,15 @@ from methods import Distillation, student_sampler
 from samplers import GUIDANCE, SamplerConfig, generate
 from training import new_part, new_state, train
 
-ROUND = "{}-steps"  # the folder, under --checkpoint-dir, of the student that samples in that many steps
+# the folder, under --checkpoint-dir, of the student that samples in that many steps
+ROUND = "{}-steps"
 # What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
-RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps", "guidance", "seed",
-                "precision", "memory_format", "checkpoint_every", "overwrite")
+RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps",
+                "guidance", "seed", "precision", "memory_format", "checkpoint_every", "overwrite")
 # A new distillation's settings where a flag is left out: the CPU recipe (docs/results.md,
 # "Progressive distillation").
-DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4, warmup_steps=50, seed=0,
-                checkpoint_every=250)
+DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4,
+                warmup_steps=50, seed=0, checkpoint_every=250)
 
 
 def halvings(teacher_steps, to_steps):
@@ -44,189 +47,236 @@ def halvings(teacher_steps, to_steps):
 
 
 def saved_rounds(folder):
-    """{student steps: (checkpoint, its file)} for every round folder under `folder` that holds one."""
+    """{student steps: (checkpoint, its file)} for every round folder under `folder` that holds
+    one."""
     found = {}
     for sub in sorted(Path(folder).glob(ROUND.format("*"))):
-        if sub.name.split("-")[0].isdigit() and any((sub / name).is_file() for name in CHECKPOINT_NAMES):
+        if (sub.name.split("-")[0].isdigit()
+                and any((sub / name).is_file() for name in CHECKPOINT_NAMES)):
             ckpt, file = open_checkpoint(sub)
-            check(ckpt["distillation"] is not None, f"{file} is not a distilled student, yet lies where distill.py "
-                                                    f"keeps its rounds: move it, or choose another --checkpoint-dir")
+            check(ckpt["distillation"] is not None,
+                  f"{file} is not a distilled student, yet lies where distill.py keeps its rounds: "
+                  f"move it, or choose another --checkpoint-dir")
             found[ckpt["distillation"]["sampler"]["steps"]] = ckpt, file
     return found
 
 
-def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, device, folder, saved=None):
-    """Train the student that takes n steps (from `saved`, (a checkpoint of this round, its file), if
-    given), saving it in folder: the Distillation method on the one training loop. Returns why it
+def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, device, folder,
+                  saved=None):
+    """Train the student that takes n steps (from `saved`, (a checkpoint of this round, its file),
+    if given), saving it in folder: the Distillation method on the one training loop. Returns why it
     stopped early, or None."""
-    variance = teacher_diffusion.config.variance  # the student's loss is the Distillation's: keep no other
+    # the student's loss is the Distillation's: keep no other
+    variance = teacher_diffusion.config.variance
     student = replace(teacher_diffusion.config, prediction="v", min_snr_gamma=0.0,
                       loss="hybrid" if variance == "learned" else "simple")
     ckpt, file = saved or (None, None)
-    part, state, diffusion = new_part(teacher.config, cfg, device), new_state(), Diffusion(student).to(device)
+    part, state, diffusion = (new_part(teacher.config, cfg, device), new_state(),
+                              Diffusion(student).to(device))
     if ckpt is not None:
         restore(ckpt, part, state)
     else:  # theta <- eta: the student starts where its teacher is
         part.model.load_state_dict(teacher.state_dict())
-    # Only the trained model is guided: every later teacher is a student that learned the guided one.
+    # Only the trained model is guided: every later teacher is a student that
+    # learned the guided one.
     guidance = record["guidance"] if record["round"] == 1 else 0.0
     method = Distillation(teacher, teacher_diffusion, diffusion, n, guidance, part=part)
     record = {**record, "sampler": student_sampler(n).to_dict(),
               "teacher": teacher_checkpoint(teacher, teacher_diffusion)}
 
     def save():
-        save_checkpoint(make_checkpoint(part, diffusion, cfg.recipe(), state, 1, distillation=record), folder)
+        save_checkpoint(make_checkpoint(part, diffusion, cfg.recipe(), state, 1,
+                                        distillation=record), folder)
 
-    take_folder(folder, folder if ckpt else None, file, overwrite=False)  # leftovers; a damaged ckpt.pt aside
+    # leftovers; a damaged ckpt.pt aside
+    take_folder(folder, folder if ckpt else None, file, overwrite=False)
     return train(method, images, cfg, device, state, save, labels)
 
 
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a, d = p.add_argument, lambda key: f"({DEFAULTS[key]:g})"
-    a("--teacher", help="the trained checkpoint (file or folder) whose EMA weights teach the first round (checkpoints)")
-    a("--teacher-steps", type=int, help="the first teacher's DDIM steps; each student takes half " + d("teacher_steps"))
-    a("--to-steps", type=int, help="the last student's steps, reached by halving --teacher-steps " + d("to_steps"))
+    a("--teacher", help="the trained checkpoint (file or folder) whose EMA weights teach the first "
+                        "round (checkpoints)")
+    a("--teacher-steps", type=int, help="the first teacher's DDIM steps; each student takes "
+                                        "half " + d("teacher_steps"))
+    a("--to-steps", type=int, help="the last student's steps, reached by halving "
+                                   "--teacher-steps " + d("to_steps"))
     a("--round-steps", type=int, help="optimizer steps per round " + d("round_steps"))
     a("--batch-size", type=int, help="images per step " + d("batch_size"))
-    a("--lr", type=float, help="Adam learning rate after warm-up, decaying linearly to 0 in each round " + d("lr"))
-    a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each round " + d("warmup_steps"))
-    a("--guidance", type=float, help=f"conditional teachers: the guidance scale w the students learn ({GUIDANCE:g})")
-    a("--seed", type=int, help="seed for data order, timesteps and noise, the same in each round " + d("seed"))
-    a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in train.py (auto); "
-                                              "the teacher's targets are always full fp32")
-    a("--memory-format", choices=MEMORY_FORMATS, help="of the student's tensors (auto, as in train.py)")
-    a("--checkpoint-every", type=int, help="steps between checkpoints within a round " + d("checkpoint_every"))
-    a("--checkpoint-dir", help="where each round's student goes, in N-steps/ (checkpoints/distilled)")
-    a("--output-dir", default="output/distilled", help="where each round's samples and students.png go "
-                                                       "(output/distilled)")
-    a("--resume", metavar="DIR", help="continue the distillation in this --checkpoint-dir, with its settings")
-    a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds a distillation")
-    a("--max-steps", type=int, help="optimizer steps this command takes, over its rounds, then stop (0: no limit)")
-    a("--sample-n", type=int, default=64, help="images drawn by each round's student into its samples.png (64)")
+    a("--lr", type=float, help="Adam learning rate after warm-up, decaying linearly to 0 in each "
+                               "round " + d("lr"))
+    a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each "
+                                       "round " + d("warmup_steps"))
+    a("--guidance", type=float, help=f"conditional teachers: the guidance scale w the students "
+                                     f"learn ({GUIDANCE:g})")
+    a("--seed", type=int, help="seed for data order, timesteps and noise, the same in each "
+                               "round " + d("seed"))
+    a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in "
+                                              "train.py (auto); the teacher's targets are always "
+                                              "full fp32")
+    a("--memory-format", choices=MEMORY_FORMATS,
+      help="of the student's tensors (auto, as in train.py)")
+    a("--checkpoint-every", type=int, help="steps between checkpoints within a "
+                                           "round " + d("checkpoint_every"))
+    a("--checkpoint-dir", help="where each round's student goes, in N-steps/ "
+                               "(checkpoints/distilled)")
+    a("--output-dir", default="output/distilled", help="where each round's samples and "
+                                                       "students.png go (output/distilled)")
+    a("--resume", metavar="DIR", help="continue the distillation in this --checkpoint-dir, "
+                                      "with its settings")
+    a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds "
+                                               "a distillation")
+    a("--max-steps", type=int, help="optimizer steps this command takes, over its rounds, then "
+                                    "stop (0: no limit)")
+    a("--sample-n", type=int, default=64, help="images drawn by each round's student into its "
+                                               "samples.png (64)")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     return p
 
 
 def settings_from(args, found, device):
-    """(the first teacher, its diffusion, the record every round shares, the TrainConfig of each round, the
-    last student's steps): from the flags for a new distillation, from its checkpoints for --resume."""
+    """(the first teacher, its diffusion, the record every round shares, the TrainConfig of each
+    round, the last student's steps): from the flags for a new distillation, from its checkpoints
+    for --resume."""
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS if getattr(args, k) not in (None, False)]
-        check(not given, f"--resume continues the distillation with the settings in its checkpoints: drop "
-                         f"{', '.join(given)}")
-        check(found, f"--resume {args.resume}: no distilled student there to continue; start one with "
-                     f"`python distill.py --checkpoint-dir {args.resume}`")
+        given = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS
+                 if getattr(args, k) not in (None, False)]
+        check(not given, f"--resume continues the distillation with the settings in its "
+                         f"checkpoints: drop {', '.join(given)}")
+        check(found, f"--resume {args.resume}: no distilled student there to continue; start one "
+                     f"with `python distill.py --checkpoint-dir {args.resume}`")
         (first, file), (last, _) = found[max(found)], found[min(found)]
-        check(first["distillation"]["round"] == 1, f"{file} is from round {first['distillation']['round']}, and the "
-                                                   f"first round's folder is missing: cannot continue without it")
+        check(first["distillation"]["round"] == 1,
+              f"{file} is from round {first['distillation']['round']}, and the first round's "
+              f"folder is missing: cannot continue without it")
         record = {k: v for k, v in first["distillation"].items() if k != "teacher"}
-        teacher, teacher_diffusion = build_teacher(first, device)  # the first round's: the trained model
+        # the first round's: the trained model
+        teacher, teacher_diffusion = build_teacher(first, device)
         cfg = TrainConfig(**first["config"]["train"])
-        to_steps = last["distillation"]["to_steps"] if args.to_steps is None else args.to_steps  # the latest aim
+        # the latest aim
+        to_steps = last["distillation"]["to_steps"] if args.to_steps is None else args.to_steps
         return teacher, teacher_diffusion, record, cfg, to_steps
     check(not found or args.overwrite, f"{args.checkpoint_dir}/ already holds a distillation "
-          f"({', '.join(ROUND.format(n) for n in sorted(found, reverse=True))}): continue it with --resume "
-          f"{args.checkpoint_dir}, replace it with --overwrite, or choose another --checkpoint-dir")
+          f"({', '.join(ROUND.format(n) for n in sorted(found, reverse=True))}): continue it "
+          f"with --resume {args.checkpoint_dir}, replace it with --overwrite, or choose another "
+          f"--checkpoint-dir")
     ckpt, file = open_checkpoint(args.teacher or "checkpoints")
-    check(ckpt["distillation"] is None, f"{file} is a distilled student, not a trained model: to halve its steps "
-                                        f"further, continue its distillation with --resume DIR --to-steps N")
+    check(ckpt["distillation"] is None,
+          f"{file} is a distilled student, not a trained model: to halve its steps further, "
+          f"continue its distillation with --resume DIR --to-steps N")
     teacher, teacher_diffusion = build_model(ckpt, device)
     conditional = teacher.config.num_classes > 0
-    check(conditional or args.guidance is None, "--guidance applies to class-conditional teachers; this one is "
-                                                "unconditional: drop --guidance")
-    check(args.guidance is None or args.guidance >= 0, f"--guidance must be 0 or more, got {args.guidance}")
-    flag = {k: default if getattr(args, k) is None else getattr(args, k) for k, default in DEFAULTS.items()}
+    check(conditional or args.guidance is None,
+          "--guidance applies to class-conditional teachers; this one is unconditional: "
+          "drop --guidance")
+    check(args.guidance is None or args.guidance >= 0,
+          f"--guidance must be 0 or more, got {args.guidance}")
+    flag = {k: default if getattr(args, k) is None else getattr(args, k)
+            for k, default in DEFAULTS.items()}
     first_steps = flag["teacher_steps"]
+    guidance = (GUIDANCE if args.guidance is None else args.guidance) if conditional else 0.0
     record = {"round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
-              "guidance": (GUIDANCE if args.guidance is None else args.guidance) if conditional else 0.0,
-              "source": {"checkpoint": str(file), "step": ckpt["step"]}}
+              "guidance": guidance, "source": {"checkpoint": str(file), "step": ckpt["step"]}}
     chosen = fastest_settings(device, args.precision or "auto", args.memory_format or "auto")
-    values = dict(steps=flag["round_steps"], batch_size=flag["batch_size"], lr=flag["lr"], lr_schedule="linear",
-                  warmup_steps=flag["warmup_steps"], seed=flag["seed"], precision=chosen["precision"],
-                  memory_format=chosen["memory_format"], checkpoint_every=flag["checkpoint_every"])
+    values = dict(steps=flag["round_steps"], batch_size=flag["batch_size"], lr=flag["lr"],
+                  lr_schedule="linear", warmup_steps=flag["warmup_steps"], seed=flag["seed"],
+                  precision=chosen["precision"], memory_format=chosen["memory_format"],
+                  checkpoint_every=flag["checkpoint_every"])
     for name in ("steps", "batch_size", "lr", "checkpoint_every"):
-        check(values[name] > 0, f"--{'round-steps' if name == 'steps' else name.replace('_', '-')} must be positive, "
-                                f"got {values[name]}")
-    check(0 <= values["warmup_steps"] < values["steps"], "--warmup-steps must be 0 or more and fewer than "
-                                                         "--round-steps")
-    check(first_steps <= teacher_diffusion.timesteps, f"--teacher-steps {first_steps}: the teacher has only "
-                                                      f"{teacher_diffusion.timesteps} timesteps")
+        check(values[name] > 0, f"--{'round-steps' if name == 'steps' else name.replace('_', '-')} "
+                                f"must be positive, got {values[name]}")
+    check(0 <= values["warmup_steps"] < values["steps"],
+          "--warmup-steps must be 0 or more and fewer than --round-steps")
+    check(first_steps <= teacher_diffusion.timesteps,
+          f"--teacher-steps {first_steps}: the teacher has only {teacher_diffusion.timesteps} "
+          f"timesteps")
     return teacher, teacher_diffusion, record, TrainConfig(**values), record["to_steps"]
 
 
 def run(args):
     check(args.sample_n >= 0, f"--sample-n must be 0 (no samples) or more, got {args.sample_n}")
-    check(args.max_steps is None or args.max_steps >= 0, f"--max-steps cannot be negative, got {args.max_steps}")
-    check(not (args.resume and args.checkpoint_dir and Path(args.resume) != Path(args.checkpoint_dir)),
+    check(args.max_steps is None or args.max_steps >= 0,
+          f"--max-steps cannot be negative, got {args.max_steps}")
+    check(not (args.resume and args.checkpoint_dir
+               and Path(args.resume) != Path(args.checkpoint_dir)),
           "--resume continues the distillation where it is saved: drop --checkpoint-dir")
     if args.resume:  # checked before check_writable() below makes the folder
         where = Path(args.resume)
-        check(where.is_dir(), f"--resume {where}: no such folder; give the --checkpoint-dir of a distillation")
-        check(not any((where / name).is_file() for name in CHECKPOINT_NAMES), f"--resume {where} holds one round's "
-              f"student: give the folder above it, --resume {where.parent}")
+        check(where.is_dir(),
+              f"--resume {where}: no such folder; give the --checkpoint-dir of a distillation")
+        check(not any((where / name).is_file() for name in CHECKPOINT_NAMES),
+              f"--resume {where} holds one round's student: give the folder above it, "
+              f"--resume {where.parent}")
     device = pick_device(args.device)
     args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
-    ckpt_dir, out = check_writable(args.checkpoint_dir, "--checkpoint-dir"), check_writable(args.output_dir,
-                                                                                            "--output-dir")
+    ckpt_dir, out = (check_writable(args.checkpoint_dir, "--checkpoint-dir"),
+                     check_writable(args.output_dir, "--output-dir"))
     with locked(ckpt_dir):  # from here on no other run changes what is in it
         found = saved_rounds(ckpt_dir)
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
         first_steps = record["from_steps"]
         check(to_steps >= 1 and first_steps > to_steps and first_steps % to_steps == 0
               and (first_steps // to_steps) & (first_steps // to_steps - 1) == 0,
-              f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} steps: give a "
-              f"power of two below it, such as --teacher-steps 64 --to-steps 4")
+              f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} "
+              f"steps: give a power of two below it, such as --teacher-steps 64 --to-steps 4")
         prepare_fashion_mnist(args.data_dir)
         images, labels = load_fashion_mnist(args.data_dir)
-        check(cfg.batch_size <= len(images), f"--batch-size {cfg.batch_size} is larger than the {len(images)} "
-                                             f"training images")
+        check(cfg.batch_size <= len(images),
+              f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
         if args.overwrite:  # every check has passed: the earlier distillation goes
             for n in found:
                 for name in CHECKPOINT_NAMES:
                     (ckpt_dir / ROUND.format(n) / name).unlink(missing_ok=True)
             found = {}
         print(f"distilling {record['source']['checkpoint']} (step {record['source']['step']}): "
-              f"{' -> '.join(str(n) for n in [first_steps, *halvings(first_steps, to_steps)])} steps, {cfg.steps} "
-              f"optimizer steps a round, batch {cfg.batch_size}, lr {cfg.lr:g} ({cfg.precision}), on {device}")
+              f"{' -> '.join(str(n) for n in [first_steps, *halvings(first_steps, to_steps)])} "
+              f"steps, {cfg.steps} optimizer steps a round, batch {cfg.batch_size}, "
+              f"lr {cfg.lr:g} ({cfg.precision}), on {device}")
         rounds = [(r, n, ckpt_dir / ROUND.format(n), found.get(n))
                   for r, n in enumerate(halvings(first_steps, to_steps), 1)]
         if distill_rounds(rounds, teacher, teacher_diffusion, {**record, "to_steps": to_steps}, cfg,
-                         images.to(device), labels.to(device), device, out, args.sample_n, args.max_steps or math.inf):
+                          images.to(device), labels.to(device), device, out, args.sample_n,
+                          args.max_steps or math.inf):
             save_students(ckpt_dir, out / "students.png", device, cfg.seed)
         else:
             print(f"to continue: python distill.py --resume {ckpt_dir}")
 
 
-def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labels, device, out, sample_n, budget):
-    """Train each round [(round, student steps, folder, (its checkpoint, file) or None)] not yet finished, each student
-    teaching the next, and draw each new student's samples. budget: the optimizer steps this command may take.
-    Returns whether every round is finished."""
+def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labels, device, out,
+                   sample_n, budget):
+    """Train each round [(round, student steps, folder, (its checkpoint, file) or None)] not yet
+    finished, each student teaching the next, and draw each new student's samples. budget: the
+    optimizer steps this command may take. Returns whether every round is finished."""
     for r, n, folder, saved in rounds:
-        if saved is not None and saved[0]["step"] >= cfg.steps:  # a finished round: its student teaches the next
+        # a finished round: its student teaches the next
+        if saved is not None and saved[0]["step"] >= cfg.steps:
             teacher, teacher_diffusion = build_model(saved[0], device)
             continue
         if saved is not None:  # a round cut short: resumed against the teacher it kept
             teacher, teacher_diffusion = build_teacher(saved[0], device)
         start, started = saved[0]["step"] if saved else 0, time.time()
         limit = replace(cfg, max_steps=start + budget if math.isfinite(budget) else 0)
-        stopped = distill_round(n, teacher, teacher_diffusion, {**record, "round": r}, limit, images, labels, device,
-                               folder, saved)
+        stopped = distill_round(n, teacher, teacher_diffusion, {**record, "round": r}, limit,
+                                images, labels, device, folder, saved)
         ckpt, _ = open_checkpoint(folder)
         budget -= ckpt["step"] - start
         if stopped or ckpt["step"] < cfg.steps:
-            print(f"stopped in round {r} at step {ckpt['step']} of {cfg.steps} by {stopped or '--max-steps'}")
+            print(f"stopped in round {r} at step {ckpt['step']} of {cfg.steps} "
+                  f"by {stopped or '--max-steps'}")
             return False
         history = [v for *_, v in ckpt["history"][-100:]]
-        print(f"round {r}: the {n}-step student trained in {(time.time() - started) / 60:.1f} min, loss "
-              f"{sum(history) / len(history):.4g} over its last {len(history)} steps; saved in {folder}/")
-        teacher, teacher_diffusion = build_model(ckpt, device)  # exactly what a resumed run would load
+        print(f"round {r}: the {n}-step student trained in {(time.time() - started) / 60:.1f} min, "
+              f"loss {sum(history) / len(history):.4g} over its last {len(history)} steps; "
+              f"saved in {folder}/")
+        # exactly what a resumed run would load
+        teacher, teacher_diffusion = build_model(ckpt, device)
         if sample_n:
             sampler = SamplerConfig(**ckpt["distillation"]["sampler"])
             where = check_writable(out / folder.name, "--output-dir")
-            draw_pictures(teacher, teacher_diffusion, sample_n, where, cfg.seed, learned=record["guidance"],
-                          sampler=sampler)
+            draw_pictures(teacher, teacher_diffusion, sample_n, where, cfg.seed,
+                          learned=record["guidance"], sampler=sampler)
             print(f"wrote {where / 'samples.png'} ({sampler.describe()})")
         if budget <= 0 and rounds[-1][0] != r:  # the budget ran out with this round
             print(f"stopped after round {r} by --max-steps")
@@ -235,8 +285,8 @@ def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labe
 
 
 def save_students(ckpt_dir, path, device, seed, n=10):
-    """students.png: one row per student, each drawing from the same starting noise (conditional ones one
-    image of each class), so that a row's change shows what halving the steps cost."""
+    """students.png: one row per student, each drawing from the same starting noise (conditional
+    ones one image of each class), so that a row's change shows what halving the steps cost."""
     rows = []
     for steps, (ckpt, _) in sorted(saved_rounds(ckpt_dir).items(), reverse=True):
         model, diffusion = build_model(ckpt, device)

@@ -1,5 +1,6 @@
-"""torchrun: joining the process group, each rank's device, and the collectives the training loop
-needs (averages, gathers, stopping together). A single process is world (0, 1) and needs none of it."""
+"""torchrun: joining the process group, each rank's device, and the collectives the training
+loop needs (averages, gathers, stopping together). A single process is world (0, 1) and needs
+none of it."""
 import os
 
 import torch
@@ -15,8 +16,9 @@ def start_distributed(device_flag):
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, pick_device(device_flag)
     if device_flag not in ("auto", "cuda", "cpu"):
-        raise UserError(f"under torchrun each process takes the GPU of its LOCAL_RANK: give --device "
-                        f"auto, cuda or cpu, not {device_flag} (CUDA_VISIBLE_DEVICES picks the GPUs)")
+        raise UserError(f"under torchrun each process takes the GPU of its LOCAL_RANK: "
+                        f"give --device auto, cuda or cpu, not {device_flag} "
+                        f"(CUDA_VISIBLE_DEVICES picks the GPUs)")
     if device_flag == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but PyTorch sees no CUDA device here")
     cuda = device_flag != "cpu" and torch.cuda.is_available()
@@ -33,7 +35,8 @@ def world():
 
 
 def agree_to_stop(reason, device):
-    """reason if this rank wants to stop, else "another process's stop" if any rank does, else None."""
+    """reason if this rank wants to stop, else "another process's stop" if any rank does, else
+    None."""
     flag = torch.tensor([float(reason is not None)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return reason or ("another process's stop" if flag.item() else None)
@@ -63,7 +66,8 @@ def together(work, device):
     error, the others a UserError), so that none waits forever for a process that has stopped."""
     try:
         result, error = work(), None
-    except Exception as e:  # any failure: the others must hear of it before they wait on this process
+    except Exception as e:
+        # any failure: the others must hear of it before they wait on this process
         result, error = None, e
     if world()[1] > 1 and agree_to_stop("failed" if error else None, device) and error is None:
         raise UserError("another process stopped on a problem; its own message says which")
@@ -73,7 +77,8 @@ def together(work, device):
 
 
 def smallest_over_ranks(n, device):
-    """The smallest of each rank's int n, on every rank: the ranks' clocks and rates differ a little."""
+    """The smallest of each rank's int n, on every rank: the ranks' clocks and rates differ a
+    little."""
     if world()[1] == 1:
         return n
     n = torch.tensor([n], device=device)

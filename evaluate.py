@@ -23,27 +23,29 @@ from metrics import embed, load_classifier, score
 from samplers import GUIDANCE, SAMPLERS, SamplerConfig, generate
 
 # ETA left out: the sampler's default, what sample.py draws with (dpm++: 1, the SDE form; ddim: 0).
-GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20:0", "dpm++:10:0", "dpm++:20", "dpm++:10")
+GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20:0", "dpm++:10:0",
+        "dpm++:20", "dpm++:10")
 
 
 # ---------------------------------------------------------------------------- command line
 
 def print_table(rows, header=False):
     if header:
-        print(f"{'images':<26}{'NFE':>6}{'img/s':>9}{'FID':>9}{'KID x1e3':>10}{'prec.':>7}{'recall':>7}"
-              f"{'cond.acc':>9}  fewest class")
+        print(f"{'images':<26}{'NFE':>6}{'img/s':>9}{'FID':>9}{'KID x1e3':>10}{'prec.':>7}"
+              f"{'recall':>7}{'cond.acc':>9}  fewest class")
     for r in rows:
         rarest = min(r["classes"], key=r["classes"].get)
         share = r["classes"][rarest] / max(1, sum(r["classes"].values()))
         rate = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
         accuracy = f"{r['accuracy']:.1%}" if "accuracy" in r else "-"
-        print(f"{r['name']:<26}{r.get('nfe') or '-':>6}{rate:>9}{r['fid']:>9.2f}{1e3 * r['kid']:>10.2f}"
-              f"{r['precision']:>7.3f}{r['recall']:>7.3f}{accuracy:>9}  {rarest} {share:.1%}")
+        print(f"{r['name']:<26}{r.get('nfe') or '-':>6}{rate:>9}{r['fid']:>9.2f}"
+              f"{1e3 * r['kid']:>10.2f}{r['precision']:>7.3f}{r['recall']:>7.3f}{accuracy:>9}"
+              f"  {rarest} {share:.1%}")
 
 
 def parse_grid(entries, timesteps):
-    """'SAMPLER:STEPS[:ETA]' strings -> SamplerConfigs, checked by the rules sample.py applies to its
-    flags; a left-out ETA is the sampler's default, as in sample.py."""
+    """'SAMPLER:STEPS[:ETA]' strings -> SamplerConfigs, checked by the rules sample.py applies to
+    its flags; a left-out ETA is the sampler's default, as in sample.py."""
     grid = []
     for entry in entries:
         try:
@@ -53,33 +55,41 @@ def parse_grid(entries, timesteps):
             eta = float(rest[0]) if rest else None
             grid.append(SamplerConfig.from_flags(name, int(steps), eta, timesteps))
         except (ValueError, UserError):
-            raise UserError(f"--grid entry {entry!r} is not SAMPLER:STEPS[:ETA] with SAMPLER in {sorted(SAMPLERS)}, "
-                            f"STEPS in 1..{timesteps} and ETA in [0, 1] (ddim and dpm++ only)") from None
+            raise UserError(f"--grid entry {entry!r} is not SAMPLER:STEPS[:ETA] with SAMPLER in "
+                            f"{sorted(SAMPLERS)}, STEPS in 1..{timesteps} and ETA in [0, 1] "
+                            f"(ddim and dpm++ only)") from None
     return grid
 
 
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--checkpoint", nargs="+", default=["checkpoints"], help="checkpoint file, or folder to take the newest from "
-      "(checkpoints); --sweep takes several and compares their EMA weights")
-    a("--sampler", choices=sorted(SAMPLERS), help=f"sampler for a single evaluation ({SamplerConfig.sampler})")
-    a("--steps", type=int, help="sampler steps for a single evaluation (the sampler's default, as in sample.py)")
-    a("--eta", type=float, help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation "
-                                "(the sampler's default, as in sample.py: dpm++ 1, ddim 0)")
+    a("--checkpoint", nargs="+", default=["checkpoints"],
+      help="checkpoint file, or folder to take the newest from (checkpoints); --sweep takes "
+           "several and compares their EMA weights")
+    a("--sampler", choices=sorted(SAMPLERS),
+      help=f"sampler for a single evaluation ({SamplerConfig.sampler})")
+    a("--steps", type=int,
+      help="sampler steps for a single evaluation (the sampler's default, as in sample.py)")
+    a("--eta", type=float,
+      help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation (the sampler's "
+           "default, as in sample.py: dpm++ 1, ddim 0)")
     a("--n", type=int, help="images to generate and score per evaluation (10000)")
     a("--no-ema", action="store_true", help="score the raw weights instead of their moving average")
-    a("--sweep", action="store_true", help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
+    a("--sweep", action="store_true",
+      help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
     a("--grid", nargs="+", help=f"SAMPLER:STEPS[:ETA] entries for --sweep ({' '.join(GRID)})")
     a("--guidance", type=float, help=f"conditional models: guidance scale w ({GUIDANCE:g})")
     a("--guidance-sweep", type=float, nargs="+", metavar="W",
       help="conditional models: score each guidance scale, plot FID and accuracy against it")
     a("--unconditional", action="store_true",
       help="conditional models: sample with the 'no class' token, as an unconditional model would")
-    a("--bpd", action="store_true", help="instead of sampling: the test set's negative log-likelihood bound in "
-                                         "bits/dim, estimated over all of it and exact on --bpd-exact images")
+    a("--bpd", action="store_true",
+      help="instead of sampling: the test set's negative log-likelihood bound in bits/dim, "
+           "estimated over all of it and exact on --bpd-exact images")
     a("--bpd-exact", type=int, default=100, metavar="N",
-      help="--bpd: test images whose whole bound is computed, T network evaluations each (100; 0 skips)")
+      help="--bpd: test images whose whole bound is computed, T network evaluations each "
+           "(100; 0 skips)")
     a("--seed", type=int, default=0, help="seed for generation and for the real-image subset (0)")
     a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
     a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
@@ -91,32 +101,38 @@ def build_parser():
 
 def plan(args, timesteps, conditional, both=True, student=None):
     """[(weights, SamplerConfig, guidance)] to score, after refusing flags that would be ignored.
-    both: a sweep scores the raw weights as well as the EMA. student: a distilled student's record."""
-    check(not (student and (args.guidance is not None or args.guidance_sweep)), "a distilled student "
-          "samples with the guidance it learned: drop --guidance and --guidance-sweep")
+    both: a sweep scores the raw weights as well as the EMA. student: a distilled student's
+    record."""
+    check(not (student and (args.guidance is not None or args.guidance_sweep)),
+          "a distilled student samples with the guidance it learned: drop --guidance and "
+          "--guidance-sweep")
     single = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "no_ema")
               if getattr(args, k) not in (None, False)]
     check(not (args.sweep and single), f"--sweep scores every --grid entry with both weights: drop "
                                        f"{', '.join(single)}")
-    check(args.sweep or args.grid is None, "--grid lists what --sweep scores: add --sweep, or drop --grid")
+    check(args.sweep or args.grid is None,
+          "--grid lists what --sweep scores: add --sweep, or drop --grid")
     check(not (args.sweep and args.guidance_sweep), "--sweep and --guidance-sweep are separate "
                                                     "evaluations: give one")
-    check(conditional or (args.guidance is None and not args.guidance_sweep and not args.unconditional),
+    check(conditional or (args.guidance is None and not args.guidance_sweep
+                          and not args.unconditional),
           "--guidance, --guidance-sweep and --unconditional need a class-conditional checkpoint "
           "(train.py --conditional)")
     check(not (args.unconditional and (args.guidance is not None or args.guidance_sweep)),
           "--unconditional samples with no class, where guidance has nothing to steer: drop the "
           "guidance flag")
-    check(args.guidance is None or not args.guidance_sweep, "--guidance-sweep scores its own scales: "
-                                                            "drop --guidance")
-    check(min(args.guidance_sweep or [args.guidance or 0]) >= 0, "guidance scales must be 0 or more")
+    check(args.guidance is None or not args.guidance_sweep,
+          "--guidance-sweep scores its own scales: drop --guidance")
+    check(min(args.guidance_sweep or [args.guidance or 0]) >= 0,
+          "guidance scales must be 0 or more")
     guidance = GUIDANCE if args.guidance is None else args.guidance
     own = SamplerConfig(**student["sampler"]) if student else None
     if args.sweep and student:  # a student beside its teacher: scored with its own sampler, once
         return [("ema", own, 0.0)]
     if args.sweep:
         capped = lambda name, steps, *eta: ":".join([name, str(min(int(steps), timesteps)), *eta])
-        grid = args.grid or list(dict.fromkeys(capped(*entry.split(":")) for entry in GRID))  # T < 1000
+        # T < 1000
+        grid = args.grid or list(dict.fromkeys(capped(*entry.split(":")) for entry in GRID))
         weights = ("ema", "raw") if both else ("ema",)
         return [(w, sampler, guidance) for w in weights for sampler in parse_grid(grid, timesteps)]
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, timesteps, own)
@@ -125,43 +141,52 @@ def plan(args, timesteps, conditional, both=True, student=None):
 
 
 def likelihood(args, ckpt, device):
-    """--bpd: the bound in bits per dimension on the test set, estimated (unbiased, two network evaluations
-    per image) over all of it with its standard error, and exact on the first --bpd-exact images."""
-    sampling = [f"--{k.replace('_', '-')}" for k in ("n", "sampler", "steps", "eta", "sweep", "grid", "guidance",
-                                                      "guidance_sweep", "unconditional", "classifier_dir")
+    """--bpd: the bound in bits per dimension on the test set, estimated (unbiased, two network
+    evaluations per image) over all of it with its standard error, and exact on the first
+    --bpd-exact images."""
+    sampling = [f"--{k.replace('_', '-')}" for k in ("n", "sampler", "steps", "eta", "sweep",
+                                                      "grid", "guidance", "guidance_sweep",
+                                                      "unconditional", "classifier_dir")
                 if getattr(args, k) not in (None, False)]
-    check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop {', '.join(sampling)}")
+    check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop "
+                        f"{', '.join(sampling)}")
     check(args.bpd_exact >= 0, f"--bpd-exact must be 0 (skip) or more, got {args.bpd_exact}")
-    check(ckpt["distillation"] is None, "--bpd: a distilled student has learned its own few steps, not the "
-                                        "reverse process the bound is made of; score its teacher")
+    check(ckpt["distillation"] is None,
+          "--bpd: a distilled student has learned its own few steps, not the reverse process the "
+          "bound is made of; score its teacher")
     out = check_writable(args.output_dir, "--output-dir")
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
     x = to_model_range(load_fashion_mnist(args.data_dir, False)[0])
     g = torch.Generator(device).manual_seed(args.seed)
     batch = args.batch_size or (1000 if device.type == "cuda" else 250)
-    result = {"checkpoint": args.checkpoint[0], "step": ckpt["step"], "weights": "raw" if args.no_ema else "ema"}
+    result = {"checkpoint": args.checkpoint[0], "step": ckpt["step"],
+              "weights": "raw" if args.no_ema else "ema"}
 
-    def summary(values, started):  # per-image bits/dim [N] -> their mean, its standard error, the time taken
+    # per-image bits/dim [N] -> their mean, its standard error, the time taken
+    def summary(values, started):
         n = len(values)
         return {"images": n, "bpd": values.mean().item(), "seconds": time.perf_counter() - started,
                 "standard_error": (values.std() / n**0.5).item() if n > 1 else None}
 
     started, values = time.perf_counter(), []
     for i in tqdm(range(0, len(x), batch), desc="bits/dim, estimate", disable=None):
-        values.append(diffusion.bits_per_dim_estimate(model, x[i:i + batch].to(device), g).cpu().double())
+        values.append(
+            diffusion.bits_per_dim_estimate(model, x[i:i + batch].to(device), g).cpu().double())
     estimate = result["estimate"] = summary(torch.cat(values), started)
     print(f"bits/dim, estimated over the {len(x)} test images: {estimate['bpd']:.4f} +- "
           f"{estimate['standard_error']:.4f} (1 standard error), {estimate['seconds']:.0f} s")
     if args.bpd_exact:
         started, values, n = time.perf_counter(), [], min(args.bpd_exact, len(x))
-        with tqdm(total=n * diffusion.timesteps, unit="eval", desc="bits/dim, exact", disable=None) as bar:
+        with tqdm(total=n * diffusion.timesteps, unit="eval", desc="bits/dim, exact",
+                  disable=None) as bar:
             for i in range(0, n, batch):
                 part = x[i:min(i + batch, n)].to(device)
-                total = diffusion.bits_per_dim(model, part, g, callback=lambda t: bar.update(len(part)))
+                total = diffusion.bits_per_dim(model, part, g,
+                                               callback=lambda t: bar.update(len(part)))
                 values.append(total.cpu().double())
         exact = result["exact"] = summary(torch.cat(values), started)
-        print(f"bits/dim, exact bound on the first {n} test images: {exact['bpd']:.4f} (their spread: "
-              f"+- {exact['standard_error'] or 0:.4f}), {exact['seconds']:.0f} s")
+        print(f"bits/dim, exact bound on the first {n} test images: {exact['bpd']:.4f} "
+              f"(their spread: +- {exact['standard_error'] or 0:.4f}), {exact['seconds']:.0f} s")
     atomic_write(out / "bpd.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"wrote {out / 'bpd.json'}")
 
@@ -179,28 +204,31 @@ def run(args):
     device = pick_device(args.device)
     ckpts = {path: load_checkpoint(path) for path in args.checkpoint}
     kinds = {ckpt["config"]["model"].get("num_classes", 0) > 0 for ckpt in ckpts.values()}
-    check(len(kinds) == 1, "--sweep compares checkpoints of one kind: all class-conditional, or none")
+    check(len(kinds) == 1,
+          "--sweep compares checkpoints of one kind: all class-conditional, or none")
     conditional = kinds.pop()
-    check(not (args.grid and all(ckpt["distillation"] for ckpt in ckpts.values())), "--grid lists a "
-          "teacher's samplers, and students sample with their own: add the teacher's checkpoint, or "
-          "drop --grid")
+    check(not (args.grid and all(ckpt["distillation"] for ckpt in ckpts.values())),
+          "--grid lists a teacher's samplers, and students sample with their own: add the "
+          "teacher's checkpoint, or drop --grid")
     runs = [(path, *entry) for path, ckpt in ckpts.items()
             for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional,
                               len(ckpts) == 1, ckpt["distillation"])]
     models = {(path, w): build_model(ckpts[path], device, ema=w == "ema") for path, w, *_ in runs}
     out = check_writable(args.output_dir, "--output-dir")
     classifier_dir = check_writable(args.classifier_dir, "--classifier-dir")
-    (train_x, train_y), test = load_fashion_mnist(args.data_dir), load_fashion_mnist(args.data_dir, False)
-    classifier, accuracy = load_classifier(classifier_dir / "classifier.pt", train_x, train_y, *test,
-                                           device)
+    (train_x, train_y), test = (load_fashion_mnist(args.data_dir),
+                                load_fashion_mnist(args.data_dir, False))
+    classifier, accuracy = load_classifier(classifier_dir / "classifier.pt", train_x, train_y,
+                                           *test, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
-    reference, floor, score_seconds = score_real(args, classifier, train_x, train_y, test, conditional)
+    reference, floor, score_seconds = score_real(args, classifier, train_x, train_y, test,
+                                                 conditional)
     rows = [floor]
     print_table(rows, header=True)
     conditional = conditional and not args.unconditional
     for path, weights, sampler, guidance in runs:
-        rows.append(score_samples(args, ckpts, path, models[path, weights], weights, sampler, guidance,
-                                  classifier, reference, test[1], conditional))
+        rows.append(score_samples(args, ckpts, path, models[path, weights], weights, sampler,
+                                  guidance, classifier, reference, test[1], conditional))
         print_table(rows[-1:])
     write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out)
 
@@ -210,7 +238,8 @@ def score_real(args, classifier, train_x, train_y, test, conditional):
     that scoring took): the floor a perfect generator would reach."""
     test_x, test_y = test
     reference, _ = embed(classifier, to_model_range(test_x))
-    subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    subset = torch.randperm(len(train_x),
+                            generator=torch.Generator().manual_seed(args.seed))[:args.n]
     started = time.perf_counter()
     features, logits = embed(classifier, to_model_range(train_x[subset]))
     floor = {"name": "real train images",
@@ -226,7 +255,8 @@ def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifi
     steps_seen = set()
     started = time.perf_counter()
     images = generate(model, diffusion, args.n, args.seed, sampler, batch_size=args.batch_size,
-                      labels=labels, guidance=guidance, callback=lambda i, t, x, x0: steps_seen.add(i))
+                      labels=labels, guidance=guidance,
+                      callback=lambda i, t, x, x0: steps_seen.add(i))
     seconds = time.perf_counter() - started
     student = ckpts[path]["distillation"]
     guidance = student["guidance"] if student else guidance  # a student's is the one it learned
@@ -236,17 +266,20 @@ def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifi
     name = f"{path} {name}" if len(ckpts) > 1 else name
     return {"name": name, "checkpoint": path, **sampler.to_dict(), "student": bool(student),
             "weights": weights, "guidance": guidance, "nfe": len(steps_seen),
-            "images_per_s": args.n / seconds, **score(*embed(classifier, images), reference, labels, test_y)}
+            "images_per_s": args.n / seconds,
+            **score(*embed(classifier, images), reference, labels, test_y)}
 
 
 def write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out):
     """eval.json, and the sweep's figures."""
-    steps = {path: ckpt["step"] for path, ckpt in ckpts.items()}  # one checkpoint: its path and step
+    # one checkpoint: its path and step
+    steps = {path: ckpt["step"] for path, ckpt in ckpts.items()}
     first = args.checkpoint[0]
     where = ({"checkpoint": first, "step": steps[first]} if len(steps) == 1 else
              {"checkpoint": args.checkpoint, "step": steps})
     result = {**where, "n": args.n, "seed": args.seed, "conditional": bool(conditional),
-              "classifier_test_accuracy": accuracy, "score_seconds_per_set": score_seconds, "rows": rows}
+              "classifier_test_accuracy": accuracy, "score_seconds_per_set": score_seconds,
+              "rows": rows}
     atomic_write(out / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"scoring {args.n} images took {score_seconds:.1f} s (features and metrics, generation "
           f"excluded); wrote {out / 'eval.json'}")

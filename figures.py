@@ -1,6 +1,6 @@
-"""Every picture the commands write: the samples a run draws, image grids, labelled grids, the forward
-process, the loss curve and evaluate.py's plots. Each file is written atomically, so a failed write
-leaves the old one. How images are drawn is samplers.py's."""
+"""Every picture the commands write: the samples a run draws, image grids, labelled grids, the
+forward process, the loss curve and evaluate.py's plots. Each file is written atomically, so a
+failed write leaves the old one. How images are drawn is samplers.py's."""
 import csv
 import io
 
@@ -11,7 +11,8 @@ from data import CLASSES, to_model_range
 from files import atomic_write
 from samplers import GUIDANCE, generate
 
-FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)  # of T; t = 0, 50, 100, 200, ... 999 at T = 1000
+# of T; t = 0, 50, 100, 200, ... 999 at T = 1000
+FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)
 
 
 def _pyplot():
@@ -29,20 +30,23 @@ def _save_figure(fig, path):
 
 
 def save_grid(images, path, nrow=8, scale=3):
-    """Images in [-1, 1] as one PNG grid, upscaled with nearest-neighbour so the pixels stay crisp."""
+    """Images in [-1, 1] as one PNG grid, upscaled with nearest-neighbour so the pixels stay
+    crisp."""
     from torchvision.utils import make_grid, save_image
 
     grid = make_grid(images.clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=2, pad_value=1.0)
-    atomic_write(path, lambda f: save_image(F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], f,
-                                            format="png"))
+    atomic_write(path, lambda f: save_image(F.interpolate(grid[None], scale_factor=scale,
+                                                          mode="nearest")[0], f, format="png"))
 
 
 def save_labelled(groups, path, title, rows=False):
-    """groups: [(label, images [k, 1, H, W] in [-1, 1])] -> one labelled column per group (or row)."""
+    """groups: [(label, images [k, 1, H, W] in [-1, 1])] -> one labelled column per group (or
+    row)."""
     plt = _pyplot()
     k, m = len(groups[0][1]), len(groups)
     shape = (m, k) if rows else (k, m)
-    fig, axes = plt.subplots(*shape, figsize=(1.1 * shape[1] + (1.2 if rows else 0), 1.1 * shape[0] + 0.3),
+    fig, axes = plt.subplots(*shape,
+                             figsize=(1.1 * shape[1] + (1.2 if rows else 0), 1.1 * shape[0] + 0.3),
                              squeeze=False)
     for j, (label, x) in enumerate(groups):
         for i in range(k):
@@ -59,17 +63,20 @@ def save_labelled(groups, path, title, rows=False):
 
 
 def save_forward_figure(images, diffusion, path, seed=0):
-    """A few real uint8 images (rows) noised to increasing t (columns); diffusion must be on the CPU."""
-    times = sorted({min(round(f * diffusion.timesteps), diffusion.timesteps - 1) for f in FORWARD_FRACTIONS})
+    """A few real uint8 images (rows) noised to increasing t (columns); diffusion must be on the
+    CPU."""
+    times = sorted({min(round(f * diffusion.timesteps), diffusion.timesteps - 1)
+                    for f in FORWARD_FRACTIONS})
     x0 = to_model_range(images.cpu())
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    columns = [(f"t = {t}", diffusion.q_sample(x0, torch.full((len(x0),), t), noise)) for t in times]
+    columns = [(f"t = {t}", diffusion.q_sample(x0, torch.full((len(x0),), t), noise))
+               for t in times]
     save_labelled(columns, path, f"q(x_t | x_0), {diffusion.config.schedule} schedule")
 
 
 def save_loss_history(history, output_dir, name, smooth=100):
-    """history: [(step, epoch, loss)], one per step -> output_dir/loss.csv, and loss.png titled with the
-    loss's name."""
+    """history: [(step, epoch, loss)], one per step -> output_dir/loss.csv, and loss.png titled with
+    the loss's name."""
     text = io.StringIO()
     w = csv.writer(text)
     w.writerow(["step", "epoch", "loss"])
@@ -90,11 +97,13 @@ def save_loss_history(history, output_dir, name, smooth=100):
 
 
 def plot_guidance(rows, path):
-    """evaluate.py's rows: FID and conditional accuracy against the guidance scale w, on two axes."""
+    """evaluate.py's rows: FID and conditional accuracy against the guidance scale w, on two
+    axes."""
     w = [r["guidance"] for r in rows]
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.plot(w, [r["fid"] for r in rows], "o-", color="C0")
-    ax.set(xlabel="guidance scale w", ylabel="FID (classifier features)", title="Classifier-free guidance")
+    ax.set(xlabel="guidance scale w", ylabel="FID (classifier features)",
+           title="Classifier-free guidance")
     ax.tick_params(axis="y", labelcolor="C0")
     ax.yaxis.label.set_color("C0")
     acc = ax.twinx()
@@ -107,10 +116,11 @@ def plot_guidance(rows, path):
 
 
 def plot_sweep(rows, path):
-    """evaluate.py's rows (the first is the real-image floor): FID against network evaluations, one line
-    per sampler and eta (and checkpoint, if several), solid for EMA weights and dashed for raw ones; distilled
-    students (distill.py), one point each, share one line."""
-    several = len({r.get("checkpoint") for r in rows[1:] if not r.get("student")}) > 1  # a line per checkpoint
+    """evaluate.py's rows (the first is the real-image floor): FID against network evaluations, one
+    line per sampler and eta (and checkpoint, if several), solid for EMA weights and dashed for raw
+    ones; distilled students (distill.py), one point each, share one line."""
+    # a line per checkpoint
+    several = len({r.get("checkpoint") for r in rows[1:] if not r.get("student")}) > 1
     def label(r):
         if r.get("student"):
             return "distilled students"
@@ -120,23 +130,26 @@ def plot_sweep(rows, path):
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     for weights, line in (("ema", "-"), ("raw", "--")):
         for i, name in enumerate(samplers):
-            pts = sorted((r["nfe"], r["fid"]) for r in rows[1:] if label(r) == name and r["weights"] == weights)
+            pts = sorted((r["nfe"], r["fid"]) for r in rows[1:]
+                         if label(r) == name and r["weights"] == weights)
             if pts:
-                ax.plot(*zip(*pts), "os^dv"[i % 5] + line, color=f"C{i}", label=f"{name} ({weights})")
+                ax.plot(*zip(*pts), "os^dv"[i % 5] + line, color=f"C{i}",
+                        label=f"{name} ({weights})")
     ax.axhline(rows[0]["fid"], color="gray", ls=":", label="real train images")
-    ax.set(xscale="log", xlabel="network evaluations per image (NFE)", ylabel="FID (classifier features)",
-           title="Sample quality against sampling cost")
+    ax.set(xscale="log", xlabel="network evaluations per image (NFE)",
+           ylabel="FID (classifier features)", title="Sample quality against sampling cost")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save_figure(fig, path)
 
 
-def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, learned=None, **kw):
-    """The pictures a run draws: n images in out/samples.png. A conditional model given no label draws
-    ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row per class.
-    learned: a distilled student's guidance scale, which it applies itself: none is added to it.
-    kw: generate()'s options (sampler, batch_size, callback, ...). Returns the images."""
+def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, learned=None,
+                  **kw):
+    """The pictures a run draws: n images in out/samples.png. A conditional model given no label
+    draws ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row
+    per class. learned: a distilled student's guidance scale, which it applies itself: none is added
+    to it. kw: generate()'s options (sampler, batch_size, callback, ...). Returns the images."""
     guidance = 0.0 if learned is not None else guidance
     labels, per_class = None, None
     if model.config.num_classes and label is not None:
@@ -144,8 +157,8 @@ def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANC
     elif model.config.num_classes:
         per_class = -(-n // len(CLASSES))
         labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
-    images = generate(model, diffusion, len(labels) if labels is not None else n, seed, labels=labels,
-                      guidance=guidance if labels is not None else 0.0, **kw)
+    images = generate(model, diffusion, len(labels) if labels is not None else n, seed,
+                      labels=labels, guidance=guidance if labels is not None else 0.0, **kw)
     save_grid(images, out / "samples.png", nrow=per_class or 8)
     if per_class:
         student = "a student distilled at " * (learned is not None)

@@ -9,21 +9,24 @@ import torch
 
 from cli import WriteError
 
-UMASK = os.umask(0o022)  # read once: the permission bits every file written here gets, as open() would give
+# read once: the permission bits every file written here gets, as open() would give
+UMASK = os.umask(0o022)
 os.umask(UMASK)
 
 
 def _os_error(error):
-    """The OSError behind an exception, or None: torch.save wraps a failed write in a RuntimeError."""
+    """The OSError behind an exception, or None: torch.save wraps a failed write in a
+    RuntimeError."""
     while error is not None and not isinstance(error, OSError):
         error = error.__context__
     return error
 
 
 def atomic_write(path, write, previous=None):
-    """Call write(f) on a fresh temporary file beside path, sync it, and rename it over path, so that
-    a crash at any moment leaves the old file or the new one, never half of one. The file replaced is
-    moved to `previous` if given. A failure removes the temporary file and raises WriteError."""
+    """Call write(f) on a fresh temporary file beside path, sync it, and rename it over path, so
+    that a crash at any moment leaves the old file or the new one, never half of one. The file
+    replaced is moved to `previous` if given. A failure removes the temporary file and raises
+    WriteError."""
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,8 +47,9 @@ def atomic_write(path, write, previous=None):
         if cause is None:
             raise
         kept = f"{path} or {previous}" if previous is not None else str(path)
-        raise WriteError(f"could not write {path}: {cause.strerror or cause}; whatever was there "
-                         f"before is kept ({kept}). Free some space or choose another folder") from None
+        raise WriteError(f"could not write {path}: {cause.strerror or cause}; "
+                         f"whatever was there before is kept ({kept}). "
+                         f"Free some space or choose another folder") from None
     return path
 
 

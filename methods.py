@@ -28,7 +28,8 @@ class Denoising:
 
     def __init__(self, diffusion, part):
         self.diffusion, self.parts = diffusion, [part]
-        self.importance = TimestepSampler(diffusion.timesteps) if diffusion.config.loss == "vlb" else None
+        self.importance = (TimestepSampler(diffusion.timesteps) if diffusion.config.loss == "vlb"
+                           else None)
 
     def loss(self, k, net, batch):
         n, g, device = len(batch.x0), batch.generator, batch.x0.device
@@ -74,25 +75,28 @@ class Distillation:
     drawn uniformly from range(steps), starts at grid[2 i] (t = i / N in the paper), and the student
     learns to land, in one deterministic DDIM step, where two DDIM steps of the teacher land.
 
-    teacher(x, t[, y]) predicts in its own parametrisation (teacher_diffusion), a conditional one with
-    classifier-free guidance w; the student's Diffusion says how its output reads (v).
+    teacher(x, t[, y]) predicts in its own parametrisation (teacher_diffusion), a conditional one
+    with classifier-free guidance w; the student's Diffusion says how its output reads (v).
     """
 
     def __init__(self, teacher, teacher_diffusion, diffusion, steps, guidance=0.0, part=None):
         self.teacher, self.teacher_diffusion, self.diffusion = teacher, teacher_diffusion, diffusion
         self.steps, self.guidance = steps, guidance
-        self.parts = [part] if part is not None else []  # none: its target and loss alone, for tests
+        # none: its target and loss alone, for tests
+        self.parts = [part] if part is not None else []
         grid = even_timesteps(diffusion.timesteps, 2 * steps)  # the teacher's: twice as fine
         self.grid = torch.cat([grid, grid.new_tensor([-1])]).to(diffusion.alphas_cumprod.device)
 
     def abar(self, t):
         """alpha-bar at timesteps t [B], 1 at t = -1 (clean data): [B, 1, 1, 1]."""
         abar = self.diffusion.alphas_cumprod
-        return torch.where(t >= 0, abar[t.clamp(min=0)], torch.ones_like(abar[0])).reshape(-1, 1, 1, 1)
+        return torch.where(t >= 0, abar[t.clamp(min=0)],
+                           torch.ones_like(abar[0])).reshape(-1, 1, 1, 1)
 
     def teacher_x0(self, x, t, y):
         fn = self.teacher if y is None else guided(self.teacher, y, self.guidance)
-        return self.teacher_diffusion.predict(fn, x, t)[1]  # clipped to [-1, 1], as its sampler does
+        # clipped to [-1, 1], as its sampler does
+        return self.teacher_diffusion.predict(fn, x, t)[1]
 
     @torch.no_grad()
     def target(self, x, i, y=None):
@@ -107,7 +111,8 @@ class Distillation:
 
     def per_example(self, model, x0, i, noise, y=None):
         """[B]: the MSE of the student's v to the target's, v = (alpha_t x_t - x~) / sigma_t; as an
-        x_0 error that is weighted by SNR + 1, one of the two weightings sec. 4 of the paper advises."""
+        x_0 error that is weighted by SNR + 1, one of the two weightings sec. 4 of the paper
+        advises."""
         t = self.grid[2 * i]
         x = self.diffusion.q_sample(x0, t, noise)
         abar = self.abar(t)

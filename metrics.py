@@ -24,10 +24,12 @@ class Classifier(nn.Module):
 
         def stage(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                    nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+                    nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                    nn.MaxPool2d(2)]
 
         self.body = nn.Sequential(*stage(1, 32), *stage(32, 64), nn.Flatten(),
-                                  nn.Linear(64 * 7 * 7, features), nn.BatchNorm1d(features), nn.ReLU())
+                                  nn.Linear(64 * 7 * 7, features), nn.BatchNorm1d(features),
+                                  nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(features, 10))
 
     def forward(self, x):
@@ -36,20 +38,26 @@ class Classifier(nn.Module):
         return f, self.head(f)
 
 
-def train_classifier(images, labels, test_images, test_labels, epochs, seed, batch_size, lr, features, device="cpu"):
-    """Adam with a one-cycle learning rate and random 2-pixel shifts; returns (model, test accuracy)."""
+def train_classifier(images, labels, test_images, test_labels, epochs, seed, batch_size, lr,
+                     features, device="cpu"):
+    """Adam with a one-cycle learning rate and random 2-pixel shifts; returns (model, test
+    accuracy)."""
     torch.manual_seed(seed)
     model = Classifier(features).to(device)
     steps_per_epoch = len(images) // batch_size
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr,
+                                                total_steps=epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=epochs * steps_per_epoch, desc="training the evaluation classifier", disable=None)
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training the evaluation classifier",
+               disable=None)
     for _ in range(epochs):
         model.train()
-        for idx in torch.randperm(len(images), generator=g)[: steps_per_epoch * batch_size].view(-1, batch_size):
+        for idx in (torch.randperm(len(images), generator=g)[: steps_per_epoch * batch_size]
+                    .view(-1, batch_size)):
             x = to_model_range(images[idx]).to(device)
-            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()  # the same shift for the whole batch
+            # the same shift for the whole batch
+            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
             x = torch.roll(x, (dy, dx), dims=(2, 3))
             loss = F.cross_entropy(model(x)[1], labels[idx].to(device))
             opt.zero_grad()
@@ -80,9 +88,11 @@ def fingerprint(*tensors):
 
 
 def load_classifier(path, train_x, train_y, test_x, test_y, device):
-    """The classifier cached at path if it was trained on this data with these settings, else a new one
-    trained (about 5 minutes on 2 CPU cores) and cached; a damaged or stale cache is said and replaced."""
-    key = {"format": CLASSIFIER_FORMAT, "data": fingerprint(train_x, train_y, test_x, test_y), **CLASSIFIER_SETTINGS}
+    """The classifier cached at path if it was trained on this data with these settings, else a new
+    one trained (about 5 minutes on 2 CPU cores) and cached; a damaged or stale cache is said and
+    replaced."""
+    key = {"format": CLASSIFIER_FORMAT, "data": fingerprint(train_x, train_y, test_x, test_y),
+           **CLASSIFIER_SETTINGS}
     if path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -93,7 +103,8 @@ def load_classifier(path, train_x, train_y, test_x, test_y, device):
             print(f"{path} was trained on other data or settings; training a new one")
         except Exception as e:  # truncated, garbage, foreign: the cache is only a cache
             print(f"{path} is damaged ({first_line(e, 100)}); training a new one")
-    model, accuracy = train_classifier(train_x, train_y, test_x, test_y, device=device, **CLASSIFIER_SETTINGS)
+    model, accuracy = train_classifier(train_x, train_y, test_x, test_y, device=device,
+                                       **CLASSIFIER_SETTINGS)
     atomic_save({"key": key, "model": model.state_dict(), "test_accuracy": accuracy}, path)
     print(f"trained the evaluation classifier: test accuracy {accuracy:.2%}; cached in {path}")
     return model, accuracy
@@ -107,20 +118,23 @@ def frechet_distance(a, b):
     s_a, s_b = torch.cov(a.T), torch.cov(b.T)
     evals, evecs = torch.linalg.eigh(s_a)
     root_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
-    # tr((S_a S_b)^(1/2)) = tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), which is symmetric: eigenvalues are real
+    # tr((S_a S_b)^(1/2)) = tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), which is symmetric:
+    # eigenvalues are real
     cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
 
 
 def kernel_inception_distance(a, b, subsets=50, subset_size=1000, seed=0):
-    """KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / D + 1)^3, averaged over subsets."""
+    """KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / D + 1)^3, averaged over
+    subsets."""
     a, b = a.double(), b.double()
     m = min(subset_size, len(a), len(b))
     g = torch.Generator().manual_seed(seed)
     kernel = lambda x, y: (x @ y.T / a.shape[1] + 1) ** 3
     values = []
     for _ in range(subsets):
-        x, y = a[torch.randperm(len(a), generator=g)[:m]], b[torch.randperm(len(b), generator=g)[:m]]
+        x, y = (a[torch.randperm(len(a), generator=g)[:m]],
+                b[torch.randperm(len(b), generator=g)[:m]])
         kxx, kyy = kernel(x, x), kernel(y, y)
         values.append((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1))
                       - 2 * kernel(x, y).mean())
@@ -129,12 +143,14 @@ def kernel_inception_distance(a, b, subsets=50, subset_size=1000, seed=0):
 
 def _kth_neighbour_radius(x, k, chunk=1000):
     """Distance from each row of x to its k-th nearest other row: [N]."""
-    return torch.cat([torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)])
+    return torch.cat([torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), chunk)])
 
 
 def _covered(points, centres, radii, chunk=1000):
     """For each point, whether it lies inside any ball (centre, radius): [N] bool."""
-    return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii).any(1) for i in range(0, len(points), chunk)])
+    return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii).any(1)
+                      for i in range(0, len(points), chunk)])
 
 
 def precision_recall(real, fake, k=3):
@@ -148,13 +164,16 @@ def precision_recall(real, fake, k=3):
 
 def score(features, logits, reference, labels=None, reference_labels=None):
     """Every metric of one image set against the reference (test-set) features, as a dict. With the
-    classes the images were asked for (labels): how often the classifier agrees, and FID per class."""
+    classes the images were asked for (labels): how often the classifier agrees, and FID per
+    class."""
     precision, recall = precision_recall(reference, features)
     counts = torch.bincount(logits.argmax(1), minlength=10).tolist()
-    result = {"fid": frechet_distance(features, reference), "kid": kernel_inception_distance(features, reference),
+    result = {"fid": frechet_distance(features, reference),
+              "kid": kernel_inception_distance(features, reference),
               "precision": precision, "recall": recall, "classes": dict(zip(CLASSES, counts))}
     if labels is not None:
         result["accuracy"] = (logits.argmax(1) == labels).float().mean().item()
-        result["fid_per_class"] = {name: frechet_distance(features[labels == c], reference[reference_labels == c])
+        result["fid_per_class"] = {name: frechet_distance(features[labels == c],
+                                                          reference[reference_labels == c])
                                    for c, name in enumerate(CLASSES) if (labels == c).sum() > 1}
     return result

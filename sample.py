@@ -24,22 +24,32 @@ def to_uint8(images):
 def build_parser():
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
-    a("--checkpoint", default="checkpoints", help="checkpoint file, or folder to take the newest from (checkpoints)")
+    a("--checkpoint", default="checkpoints",
+      help="checkpoint file, or folder to take the newest from (checkpoints)")
     a("--n", type=int, default=64, help="number of images to draw (64)")
     a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step (0)")
-    a("--sampler", choices=sorted(SAMPLERS), help=f"reverse-process sampler ({SamplerConfig.sampler}; "
-                                                  f"a distilled student: its own)")
-    a("--steps", type=int, help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20)")
-    a("--eta", type=float, help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (ddim: 0, dpm++: 1)")
-    a("--batch-size", type=int, help="images generated at once (default: 64 on a CPU, 1000 on a GPU)")
-    a("--output-dir", default="output", help="where samples.png (and denoising.png) are written (output)")
-    a("--trajectory", action="store_true", help="also write denoising.png: a few samples from noise to image")
-    a("--save-npz", metavar="PATH", help="also save the images as uint8 [N, 28, 28] under the key 'images'")
+    a("--sampler", choices=sorted(SAMPLERS),
+      help=f"reverse-process sampler ({SamplerConfig.sampler}; a distilled student: its own)")
+    a("--steps", type=int,
+      help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20)")
+    a("--eta", type=float,
+      help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (ddim: 0, dpm++: 1)")
+    a("--batch-size", type=int,
+      help="images generated at once (default: 64 on a CPU, 1000 on a GPU)")
+    a("--output-dir", default="output",
+      help="where samples.png (and denoising.png) are written (output)")
+    a("--trajectory", action="store_true",
+      help="also write denoising.png: a few samples from noise to image")
+    a("--save-npz", metavar="PATH",
+      help="also save the images as uint8 [N, 28, 28] under the key 'images'")
     a("--class", dest="class_", metavar="CLASS",
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
-    a("--guidance", type=float, help=f"conditional models: classifier-free guidance scale w ({GUIDANCE:g})")
-    a("--no-ema", action="store_true", help="sample with the raw trained weights instead of their EMA")
-    a("--device", default="auto", help="auto (cuda, then mps, then cpu; the default), or a torch device")
+    a("--guidance", type=float,
+      help=f"conditional models: classifier-free guidance scale w ({GUIDANCE:g})")
+    a("--no-ema", action="store_true",
+      help="sample with the raw trained weights instead of their EMA")
+    a("--device", default="auto",
+      help="auto (cuda, then mps, then cpu; the default), or a torch device")
     return p
 
 
@@ -54,14 +64,17 @@ def run(args):
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
     label = parse_class(args.class_) if args.class_ is not None else None
     conditional = model.config.num_classes > 0
-    check(conditional or label is None, "--class needs a class-conditional model; this checkpoint's is "
-                                        "unconditional (train one with `python train.py --conditional`)")
-    check(conditional or args.guidance is None, "--guidance applies to class-conditional models only; "
-                                                "this checkpoint's is unconditional: drop --guidance")
+    check(conditional or label is None,
+          "--class needs a class-conditional model; this checkpoint's is unconditional (train one "
+          "with `python train.py --conditional`)")
+    check(conditional or args.guidance is None,
+          "--guidance applies to class-conditional models only; this checkpoint's is "
+          "unconditional: drop --guidance")
     student = ckpt["distillation"]
     if student:
-        check(args.guidance is None, f"this student learned guidance w = {student['guidance']:g} from "
-                                     f"its teacher, and samples with it alone: drop --guidance")
+        check(args.guidance is None,
+              f"this student learned guidance w = {student['guidance']:g} from its teacher, and "
+              f"samples with it alone: drop --guidance")
     own = SamplerConfig(**student["sampler"]) if student else None
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps, own)
     out = check_writable(args.output_dir, "--output-dir")
@@ -74,7 +87,8 @@ def run(args):
 
 def draw(args, model, diffusion, sampler, label, student, out):
     """Draw and write the pictures (and the --save-npz array) that the flags ask for."""
-    snapshots, keep = [], 8  # trajectory: the first `keep` images at ~10 points of the reverse process
+    # trajectory: the first `keep` images at ~10 points of the reverse process
+    snapshots, keep = [], 8
     marks = set(np.linspace(0, sampler.steps - 1, 10).round().astype(int).tolist())
 
     def record(i, t, x, x0):
@@ -89,7 +103,8 @@ def draw(args, model, diffusion, sampler, label, student, out):
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if by_class else ""))
     if args.trajectory:
         save_labelled(snapshots, out / "denoising.png",
-                      "Reverse process, from noise (left) to a sample (right): x after the step at t")
+                      "Reverse process, from noise (left) to a sample (right): "
+                      "x after the step at t")
         print(f"wrote {out / 'denoising.png'}")
     if args.save_npz:
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=to_uint8(images)))

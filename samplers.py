@@ -1,11 +1,12 @@
 """The reverse process: the samplers, the timestep grids they visit, their settings (SamplerConfig,
-the one home of every sampler default), classifier-free guidance, and generate(), which draws n images.
+the one home of every sampler default), classifier-free guidance, and generate(), which draws n
+images.
 
-Every sampler: (model, diffusion, noise x_T [B, C, H, W], steps, generator, callback, **options)
--> x_0 in [-1, 1], its options being SamplerConfig.options(): the grid, and eta where it takes one.
+Every sampler: (model, diffusion, noise x_T [B, C, H, W], steps, generator, callback, **options) ->
+x_0 in [-1, 1], its options being SamplerConfig.options(): the grid, and eta where it takes one.
 Only the ancestral sampler (ddpm) uses a learned variance; DDIM and DPM-Solver++ take the noise they
-add from their own formulas, so for them a learned-variance model is its eps (or v) prediction alone.
-callback(i, t, x, x0) is called after each step. Schedules and the forward process are in
+add from their own formulas, so for them a learned-variance model is its eps (or v) prediction
+alone. callback(i, t, x, x0) is called after each step. Schedules and the forward process are in
 diffusion.py; training objectives (progressive distillation's target among them) in methods.py.
 """
 from dataclasses import asdict, dataclass, replace
@@ -17,51 +18,60 @@ from cli import check
 from device import autocast_for, default_batch_size, tf32
 
 def spaced_timesteps(timesteps, steps):
-    """`steps` evenly spaced timesteps from T-1 down to 0, the respacing of Nichol & Dhariwal 2021, sec. 4."""
+    """`steps` evenly spaced timesteps from T-1 down to 0, the respacing of Nichol & Dhariwal 2021,
+    sec. 4."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
     return torch.linspace(timesteps - 1, 0, steps).round().long().unique_consecutive()
 
 
 def even_timesteps(timesteps, steps):
-    """`steps` timesteps T - 1 - k T / steps, k = 0 .. steps - 1, for steps of equal length whose last one ends
-    at clean data (t = -1): the grid of progressive distillation (Salimans & Ho 2022, Algorithm 2, t = i / N),
-    where each grid of a power-of-two length holds every other point of the one twice as long."""
+    """`steps` timesteps T - 1 - k T / steps, k = 0 .. steps - 1, for steps of equal length whose
+    last one ends at clean data (t = -1): the grid of progressive distillation (Salimans & Ho 2022,
+    Algorithm 2, t = i / N), where each grid of a power-of-two length holds every other point of the
+    one twice as long."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
     return (timesteps * (1 - torch.arange(steps, dtype=torch.float64) / steps)).round().long() - 1
 
 
-LAMBDA_MIN = -5.1  # half log-SNR below which no step is spent: diffusers' lambda_min_clipped for the cosine schedule
+# half log-SNR below which no step is spent: diffusers' lambda_min_clipped for the cosine schedule
+LAMBDA_MIN = -5.1
 
 
 def logsnr_timesteps(alphas_cumprod, steps):
-    """`steps` distinct timesteps from T-1 down to 0, nearest to values evenly spaced in log-SNR (Lu et al.
-    2022, sec. 3.3: uniform in lambda suits few-step solvers on low-resolution images): [steps].
+    """`steps` distinct timesteps from T-1 down to 0, nearest to values evenly spaced in log-SNR
+    (Lu et al. 2022, sec. 3.3: uniform in lambda suits few-step solvers on low-resolution images):
+    [steps].
 
-    The spacing starts at the noisiest timestep whose half log-SNR is at least LAMBDA_MIN, the first step
-    jumping there from T-1: the cosine schedule's clipped end plunges to -10 over its last few timesteps,
-    where even spacing would stack several steps on pure noise (DPM-Solver truncates it likewise); the
-    linear schedule ends at -5.06 and is not cut. Where two steps would still share a timestep (many
-    steps, or the steep clean end), the noisier one moves up to the next free timestep.
+    The spacing starts at the noisiest timestep whose half log-SNR is at least LAMBDA_MIN, the first
+    step jumping there from T-1: the cosine schedule's clipped end plunges to -10 over its last few
+    timesteps, where even spacing would stack several steps on pure noise (DPM-Solver truncates it
+    likewise); the linear schedule ends at -5.06 and is not cut. Where two steps would still share a
+    timestep (many steps, or the steep clean end), the noisier one moves up to the next free
+    timestep.
     """
     T = len(alphas_cumprod)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and {T}, got {steps}")
-    abar = alphas_cumprod.detach().cpu().double()  # a handful of indices: work on the CPU wherever the buffer is
+    # a handful of indices: work on the CPU wherever the buffer is
+    abar = alphas_cumprod.detach().cpu().double()
     log_snr = torch.log(abar / (1 - abar))
-    start = int((log_snr >= 2 * LAMBDA_MIN).nonzero().max()) if log_snr[0] >= 2 * LAMBDA_MIN else T - 1
+    start = (int((log_snr >= 2 * LAMBDA_MIN).nonzero().max()) if log_snr[0] >= 2 * LAMBDA_MIN
+             else T - 1)
     targets = torch.linspace(log_snr[start].item(), log_snr[0].item(), steps, dtype=torch.float64)
     nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(1).tolist()
     ts = [T - 1] + [0] * (steps - 1)
-    for i in range(steps - 1, 0, -1):  # from the clean end: each at least one above the next, room kept above
+    # from the clean end: each at least one above the next, room kept above
+    for i in range(steps - 1, 0, -1):
         ts[i] = min(max(nearest[i], ts[i + 1] + 1 if i + 1 < steps else 0), T - 1 - i)
     return torch.tensor(ts)
 
 
 def timestep_grid(name, diffusion, steps):
-    """The timesteps a sampler visits, from the noisiest: [steps] (respacing may merge a few). name is
-    one of GRIDS: "time" (spaced_timesteps), "even" (even_timesteps) or "logsnr" (logsnr_timesteps)."""
+    """The timesteps a sampler visits, from the noisiest: [steps] (respacing may merge a few). name
+    is one of GRIDS: "time" (spaced_timesteps), "even" (even_timesteps) or "logsnr"
+    (logsnr_timesteps)."""
     if name == "logsnr":
         return logsnr_timesteps(diffusion.alphas_cumprod, steps)
     if name not in GRIDS:
@@ -81,9 +91,10 @@ def _schedule(diffusion, steps, grid):
 
 def ddim_step(x, x0, abar_t, abar_s, sigma=0.0):
     """The mean of one DDIM step from x_t to x_s given the model's x_0, eq. 12 of Song et al. 2021:
-    x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps, eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t);
-    sigma = 0 is the deterministic step. Broadcasts: x, x0 [B, C, H, W]; the abar and sigma scalars or
-    [B, 1, 1, 1]. The caller adds sigma z."""
+    x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps,
+    eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t); sigma = 0 is the deterministic step.
+    Broadcasts: x, x0 [B, C, H, W]; the abar and sigma scalars or [B, 1, 1, 1]. The caller adds
+    sigma z."""
     scale = ((1 - abar_s - sigma**2).clamp(min=0) / (1 - abar_t)).sqrt()
     return abar_s.sqrt() * x0 + scale * (x - abar_t.sqrt() * x0)
 
@@ -92,9 +103,9 @@ def ddim_step(x, x0, abar_t, abar_s, sigma=0.0):
 def sample_ddpm(model, diffusion, noise, steps=None, generator=None, callback=None, grid="time"):
     """Ancestral sampling, Algorithm 2 of Ho et al. 2020, on `steps` respaced timesteps.
 
-    Each step draws x_s from N(mu, Sigma): mu is the posterior mean of q(x_s | x_t, x_0) (eq. 6-7) at the
-    model's x_0; Sigma is the model's variance (learned or fixed), both recomputed for the jump from t to s
-    with alpha = abar_t / abar_s (Nichol & Dhariwal 2021, sec. 4).
+    Each step draws x_s from N(mu, Sigma): mu is the posterior mean of q(x_s | x_t, x_0) (eq. 6-7)
+    at the model's x_0; Sigma is the model's variance (learned or fixed), both recomputed for the
+    jump from t to s with alpha = abar_t / abar_s (Nichol & Dhariwal 2021, sec. 4).
     """
     x = noise
     for i, t, s, abar_t, abar_s in _schedule(diffusion, steps, grid):
@@ -110,8 +121,10 @@ def sample_ddpm(model, diffusion, noise, steps=None, generator=None, callback=No
 
 
 @torch.no_grad()
-def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=None, eta=0.0, grid="time"):
-    """DDIM, eq. 12 of Song et al. 2021: x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps + sigma z.
+def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=None, eta=0.0,
+                grid="time"):
+    """DDIM, eq. 12 of Song et al. 2021:
+    x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps + sigma z.
 
     sigma = eta * sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)) (eq. 16): eta = 0 is the
     deterministic sampler, eta = 1 the ancestral one. grid "even" is a distilled student's.
@@ -122,7 +135,8 @@ def sample_ddim(model, diffusion, noise, steps=None, generator=None, callback=No
         sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
         x = ddim_step(x, x0, abar_t, abar_s, sigma)
         if s >= 0 and eta > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device,
+                                        dtype=x.dtype)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -166,14 +180,15 @@ def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callbac
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp_2m}
 GRIDS = ("time", "even", "logsnr")
 # Each sampler's defaults: its steps (None: all T), its eta (None: it takes none) and its grid.
-SAMPLER_DEFAULTS = {"ddpm": (None, None, "time"), "ddim": (50, 0.0, "time"), "dpm++": (20, 1.0, "logsnr")}
+SAMPLER_DEFAULTS = {"ddpm": (None, None, "time"), "ddim": (50, 0.0, "time"),
+                    "dpm++": (20, 1.0, "logsnr")}
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """How to sample; a field left None takes the sampler's default (SAMPLER_DEFAULTS) in resolve().
-    The default sampler is DPM-Solver++ in its SDE form (eta = 1): it matched 1000-step DDPM's FID in
-    20 steps, 50x sooner, and the ODE samplers did not (docs/results.md, "Sampling")."""
+    The default sampler is DPM-Solver++ in its SDE form (eta = 1): it matched 1000-step DDPM's FID
+    in 20 steps, 50x sooner, and the ODE samplers did not (docs/results.md, "Sampling")."""
     sampler: str = "dpm++"  # one of SAMPLERS
     steps: int = None  # network evaluations, on the grid's timesteps
     eta: float = None  # ddim and dpm++: 0 deterministic (ODE) to 1 ancestral (SDE)
@@ -193,11 +208,13 @@ class SamplerConfig:
         `timesteps` steps; a flag that cannot apply is a UserError. own: a distilled student's
         SamplerConfig, the only one it samples with: a flag that would change it is refused."""
         if own is not None:
-            check(sampler is None and eta is None, f"this checkpoint is a student distilled to sample "
-                  f"in {own.steps} steps with its own sampler ({own.describe()}): drop --sampler, --eta")
-            check(steps in (None, own.steps), f"this student was distilled for {own.steps} steps and "
-                  f"cannot take {steps}: other counts lie off the grid it learned; drop --steps, or take "
-                  f"the student for {steps} beside it")
+            check(sampler is None and eta is None,
+                  f"this checkpoint is a student distilled to sample in {own.steps} steps with its "
+                  f"own sampler ({own.describe()}): drop --sampler, --eta")
+            check(steps in (None, own.steps),
+                  f"this student was distilled for {own.steps} steps and cannot take {steps}: "
+                  f"other counts lie off the grid it learned; drop --steps, or take the student "
+                  f"for {steps} beside it")
             return own
         sampler = sampler or cls.sampler
         check(eta is None or SAMPLER_DEFAULTS[sampler][1] is not None,
@@ -225,7 +242,8 @@ class SamplerConfig:
     def describe(self):
         """'dpm++ sampler, 20 steps, eta 1', and the grid where it is not the sampler's own."""
         eta = f", eta {self.eta:g}" if self.eta is not None else ""
-        grid = f", {self.grid} grid" if self.grid not in (None, SAMPLER_DEFAULTS[self.sampler][2]) else ""
+        grid = (f", {self.grid} grid" if self.grid not in (None, SAMPLER_DEFAULTS[self.sampler][2])
+                else "")
         return f"{self.sampler} sampler, {self.steps} steps{eta}{grid}"
 
 
@@ -242,18 +260,21 @@ def guided(model, labels, w):
 
     def fn(x, t):
         none = torch.full_like(labels, model.config.num_classes)
-        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, none])).chunk(2)
-        c = x.shape[1]  # a learned variance, after channel c, is the conditional model's (GLIDE, sec. 2.3)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
+                             torch.cat([labels, none])).chunk(2)
+        # a learned variance, after channel c, is the conditional model's (GLIDE, sec. 2.3)
+        c = x.shape[1]
         return torch.cat([cond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
     return fn
 
 
 def generate(model, diffusion, n, seed=0, sampler=SamplerConfig(), batch_size=None, callback=None,
              progress=True, precision="fp32", labels=None, guidance=0.0):
-    """n images [n, C, H, W] in [-1, 1] on the CPU, drawn in batches with `sampler` (a SamplerConfig:
-    what sample.py draws with unless told otherwise); the same seed and batch size give the same
-    images. labels [n]: the class of each image, for a conditional model, guided with scale
-    `guidance`. Always in full fp32 (or the precision asked for), TF32 off, whoever calls it."""
+    """n images [n, C, H, W] in [-1, 1] on the CPU, drawn in batches with `sampler`
+    (a SamplerConfig: what sample.py draws with unless told otherwise); the same seed and batch
+    size give the same images. labels [n]: the class of each image, for a conditional model, guided
+    with scale `guidance`. Always in full fp32 (or the precision asked for), TF32 off, whoever calls
+    it."""
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
     sampler = sampler.resolve(diffusion.timesteps)
@@ -269,8 +290,10 @@ def generate(model, diffusion, n, seed=0, sampler=SamplerConfig(), batch_size=No
 
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            noise = torch.randn((b, c.in_channels, c.image_size, c.image_size), generator=g, device=device)
-            fn = model if labels is None else guided(model, labels[start:start + b].to(device), guidance)
+            noise = torch.randn((b, c.in_channels, c.image_size, c.image_size), generator=g,
+                                device=device)
+            fn = (model if labels is None
+                  else guided(model, labels[start:start + b].to(device), guidance))
             with autocast_for(device, precision), tf32(False):
                 x = SAMPLERS[sampler.sampler](fn, diffusion, noise, sampler.steps, generator=g,
                                               callback=step_callback, **sampler.options())

@@ -29,30 +29,39 @@ from unet import count_parameters
 def build_parser():
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
-    a("--preset", choices=["auto", "cpu", "gpu"], help="defaults for model and schedule (auto: gpu on CUDA, else cpu)")
+    a("--preset", choices=["auto", "cpu", "gpu"], help="defaults for model and schedule (auto: gpu "
+                                                       "on CUDA, else cpu)")
     a("--epochs", type=int, help="passes over the 60k training images, instead of --steps (gpu preset: 40)")
-    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs (cpu preset: 5500; 0: use --epochs)")
+    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs "
+                                "(cpu preset: 5500; 0: use --epochs)")
     a("--batch-size", type=int, help="images per step and process (preset); fixed for a run")
     a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
-    a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: constant, or decay to 0 at the last step (preset)")
+    a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: constant, or decay to 0 at the "
+                                                  "last step (preset)")
     a("--timesteps", type=int, help="diffusion steps T (1000)")
     a("--schedule", choices=SCHEDULES, help="beta schedule (cpu preset: cosine; gpu: linear)")
-    a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v (Salimans & Ho 2022) (eps)")
-    a("--min-snr-gamma", type=float, help="weight the loss by min(SNR, gamma) (Hang et al. 2023); 0: off (0)")
-    a("--variance", choices=VARIANCES, help="reverse-process variance: beta~_t, beta_t, or learned (fixed_small)")
-    a("--loss", choices=LOSSES, help="L_simple; L_hybrid (learned variance); L_vlb, importance-sampled (simple)")
+    a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v "
+                                                "(Salimans & Ho 2022) (eps)")
+    a("--min-snr-gamma", type=float, help="weight the loss by min(SNR, gamma) "
+                                          "(Hang et al. 2023); 0: off (0)")
+    a("--variance", choices=VARIANCES, help="reverse-process variance: beta~_t, beta_t, or "
+                                            "learned (fixed_small)")
+    a("--loss", choices=LOSSES, help="L_simple; L_hybrid (learned variance); L_vlb, "
+                                     "importance-sampled (simple)")
     a("--width", type=int, help="U-Net channels at full resolution (preset)")
     a("--channel-mults", type=int, nargs="+", help="channel multiplier per resolution level (preset)")
     a("--num-res-blocks", type=int, help="residual blocks per level (preset)")
     a("--attn-resolutions", type=int, nargs="*", help="feature-map sizes with self-attention (preset)")
     a("--dropout", type=float, help="dropout in residual blocks, in [0, 1) (preset)")
     a("--grad-clip", type=float, help="clip the gradient's global norm to this; 0: off (1.0)")
-    a("--conditional", action=argparse.BooleanOptionalAction, help="class-conditional model, for guidance (preset)")
+    a("--conditional", action=argparse.BooleanOptionalAction,
+      help="class-conditional model, for guidance (preset)")
     a("--cond-drop", type=float, help="conditional models: share of labels dropped to 'no class' (0.1)")
-    a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to sample (0.999)")
-    a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: shorter average "
-                                      "(cpu preset: 4; gpu: 8)")
+    a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to "
+                                      "sample (0.999)")
+    a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: "
+                                      "shorter average (cpu preset: 4; gpu: 8)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
@@ -61,16 +70,22 @@ def build_parser():
     a("--checkpoint-every", type=int, help="steps between checkpoints (500)")
     a("--log-every", type=int, help="steps between progress-bar loss updates (50)")
     a("--resume", metavar="PATH", help="continue the run saved in this checkpoint (file or folder)")
-    a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds a run, replacing it")
-    a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit); this command only")
-    a("--max-minutes", type=float, help="a new run: measure the step rate, then set --steps so that the run and "
-                                          "its learning-rate schedule end within this many minutes; a resumed run: "
-                                          "stop after them (0: no limit); this command only")
-    a("--precision", choices=PRECISIONS, help="fp32 (TF32 on CUDA), bf16 autocast, or auto: bf16 on a CPU with bf16 "
-                                              "instructions, else fp32 (preset: auto)")
-    a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: channels_last on a CPU in "
-                                                      "fp32, else contiguous (preset: auto)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile for training (off); this command only")
+    a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds a "
+                                               "run, replacing it")
+    a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit); this "
+                                    "command only")
+    a("--max-minutes", type=float, help="a new run: measure the step rate, then set --steps so "
+                                        "that the run and its learning-rate schedule end within "
+                                        "this many minutes; a resumed run: stop after them "
+                                        "(0: no limit); this command only")
+    a("--precision", choices=PRECISIONS, help="fp32 (TF32 on CUDA), bf16 autocast, or auto: bf16 "
+                                              "on a CPU with bf16 instructions, else fp32 "
+                                              "(preset: auto)")
+    a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: "
+                                                      "channels_last on a CPU in fp32, else "
+                                                      "contiguous (preset: auto)")
+    a("--compile", action=argparse.BooleanOptionalAction,
+      help="torch.compile for training (off); this command only")
     a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
     return p
 
@@ -85,10 +100,11 @@ def run(args):
     model_cfg, diffusion_cfg, cfg, note = resolve_configs(args, device, saved and saved["config"])
     validate(args, model_cfg, cfg)
     check(saved is None or saved["world_size"] == ranks,
-          f"--resume: the checkpoint was made by {saved and saved['world_size']} process(es); resume "
-          f"it with as many (torchrun --nproc_per_node), not {ranks}")
+          f"--resume: the checkpoint was made by {saved and saved['world_size']} process(es); "
+          f"resume it with as many (torchrun --nproc_per_node), not {ranks}")
     home = source.parent if source is not None and continues(source.parent, source) else None
-    ckpt_dir = args.checkpoint_dir or home or "checkpoints"  # a resumed run goes on where it was saved
+    # a resumed run goes on where it was saved
+    ckpt_dir = args.checkpoint_dir or home or "checkpoints"
     out = check_writable(args.output_dir, "--output-dir")
     ckpt_dir = check_writable(ckpt_dir, "--checkpoint-dir")
     with contextlib.ExitStack() as held:
@@ -114,16 +130,17 @@ def run(args):
 
 
 def check_length(cfg, images, saved):
-    """Refuse a run that cannot take a step: a batch larger than the images, a resumed run already at
-    its end, or a learning-rate decay that its warm-up fills."""
+    """Refuse a run that cannot take a step: a batch larger than the images, a resumed run already
+    at its end, or a learning-rate decay that its warm-up fills."""
     check(cfg.batch_size <= images, f"--batch-size {cfg.batch_size} is larger than the {images} "
                                     f"training images")
     planned = cfg.total_steps(images // cfg.batch_size)
     limit = "--max-steps" if 0 < cfg.max_steps < planned else "--steps" if cfg.steps else "--epochs"
-    check(saved is None or saved["step"] < min(planned, cfg.max_steps or planned), f"--resume: the run "
-          f"is at step {saved and saved['step']}, where this command would stop: give a larger {limit}")
-    check(cfg.decays_within(planned), f"--lr-schedule {cfg.lr_schedule} decays after the warm-up, but "
-          f"--warmup-steps {cfg.warmup_steps} fills the run's {planned} steps: give fewer "
+    check(saved is None or saved["step"] < min(planned, cfg.max_steps or planned),
+          f"--resume: the run is at step {saved and saved['step']}, where this command would stop: "
+          f"give a larger {limit}")
+    check(cfg.decays_within(planned), f"--lr-schedule {cfg.lr_schedule} decays after the warm-up, "
+          f"but --warmup-steps {cfg.warmup_steps} fills the run's {planned} steps: give fewer "
           f"--warmup-steps, a longer run or --lr-schedule constant")
 
 
@@ -135,12 +152,12 @@ def planned(cfg, method, state, images, labels, device, deadline, steps_per_epoc
     with tf32(device.type == "cuda"):  # as the run will train
         cfg, rate = plan_length(cfg, scratch, images, labels, device, deadline, steps_per_epoch,
                                 state["step"])
-    log(f"--max-minutes {cfg.max_minutes:g}: {rate * world()[1] * cfg.batch_size:.0f} img/s measured, "
-        f"so the run ends at step {cfg.steps} (`--steps {cfg.steps}` without --max-minutes repeats it "
-        f"exactly)")
+    log(f"--max-minutes {cfg.max_minutes:g}: {rate * world()[1] * cfg.batch_size:.0f} img/s "
+        f"measured, so the run ends at step {cfg.steps} (`--steps {cfg.steps}` without "
+        f"--max-minutes repeats it exactly)")
     if not cfg.decays_within(cfg.steps):
-        log(f"warning: those {cfg.steps} steps are all warm-up, so the learning rate never decays; give "
-            f"more minutes, fewer --warmup-steps or --lr-schedule constant")
+        log(f"warning: those {cfg.steps} steps are all warm-up, so the learning rate never decays; "
+            f"give more minutes, fewer --warmup-steps or --lr-schedule constant")
     return cfg
 
 
@@ -157,20 +174,22 @@ def describe_run(note, cfg, method, images, steps_per_epoch, device):
 
 
 def fit(args, cfg, device, saved, note, images, labels, method, state, out, ckpt_dir):
-    """run()'s second half, once everything is checked: train, and write the loss curve and samples."""
+    """run()'s second half, once everything is checked: train, and write the loss curve and
+    samples."""
     rank, ranks = world()
     log = print if rank == 0 else lambda *_: None
     part, diffusion = method.parts[0], method.diffusion
     steps_per_epoch = len(images) // (ranks * cfg.batch_size)
     images, labels, started = images.to(device), labels.to(device), time.time()
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-    if cfg.max_minutes and saved is None:  # a resumed run keeps its length; the deadline may stop it
+    # a resumed run keeps its length; the deadline may stop it
+    if cfg.max_minutes and saved is None:
         cfg = planned(cfg, method, state, images, labels, device, deadline, steps_per_epoch)
     log(describe_run(note, cfg, method, images, steps_per_epoch, device))
     if saved is None and rank == 0:
         firsts = [int((labels == c).nonzero()[0]) for c in (0, 1, 5, 7, 8)]  # shirt ... bag
-        save_forward_figure(images[firsts], Diffusion(diffusion.config), out / "forward_diffusion.png",
-                            cfg.seed)
+        save_forward_figure(images[firsts], Diffusion(diffusion.config),
+                            out / "forward_diffusion.png", cfg.seed)
 
     def save():
         if rank == 0:  # every rank holds the same weights
@@ -181,8 +200,8 @@ def fit(args, cfg, device, saved, note, images, labels, method, state, out, ckpt
         with tf32(device.type == "cuda"):  # TF32 matmuls for training; sampling stays in full fp32
             stopped = train(method, images, cfg, device, state, save, labels, deadline)
     except Diverged as e:
-        raise Diverged(f"{e}. Nothing after that was saved: the newest checkpoint in {ckpt_dir}/ is the "
-                       f"last good one") from None
+        raise Diverged(f"{e}. Nothing after that was saved: the newest checkpoint in {ckpt_dir}/ "
+                       f"is the last good one") from None
     if rank == 0:
         finish(args, cfg, method, state, stopped, out, ckpt_dir, started)
 
@@ -191,8 +210,8 @@ def finish(args, cfg, method, state, stopped, out, ckpt_dir, started):
     """What rank 0 writes after training: the loss curve, what to do next, and the samples."""
     diffusion, ema = method.diffusion, method.parts[0].ema
     save_loss_history(state["history"], out, diffusion.config.loss_name())
-    print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; checkpoint in "
-          f"{ckpt_dir}/; loss curve {out / 'loss.png'}")
+    print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; "
+          f"checkpoint in {ckpt_dir}/; loss curve {out / 'loss.png'}")
     if stopped:
         print(f"stopped early by {stopped}; to continue: python train.py --resume {ckpt_dir}")
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:

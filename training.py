@@ -23,18 +23,18 @@ from unet import UNet
 
 def step_seed(seed, step, stream):
     """The seed of one step's random draws, so that a resumed run draws what an unbroken one does
-    with no saved RNG state. Stream 0 is shared by all ranks (the global batch's timesteps, noise and
-    dropped labels); stream 1 + rank is each rank's own (dropout masks, which must differ)."""
+    with no saved RNG state. Stream 0 is shared by all ranks (the global batch's timesteps, noise
+    and dropped labels); stream 1 + rank is each rank's own (dropout masks, which must differ)."""
     return ((seed * 1_000_003 + step) * 1_009 + stream) % 2**63
 
 
 class EMA(AveragedModel):
     """An exponential moving average of a model's weights, to sample from: update_parameters(model).
 
-    After n updates the decay is min(decay, (1 + n) / (power + 2 + n)): it starts low, so the average
-    forgets the random initialisation at once, and until it reaches `decay` it is about the
-    power-function EMA of Karras et al. 2024 (Eq. 3 there: step s weighted by s^power, an average over
-    the last ~1/(power+1) of the run). One foreach lerp, the count on the host: no device sync.
+    After n updates the decay is min(decay, (1 + n) / (power + 2 + n)): it starts low, so the
+    average forgets the random initialisation at once, and until it reaches `decay` it is about the
+    power-function EMA of Karras et al. 2024 (Eq. 3 there: step s weighted by s^power, an average
+    over the last ~1/(power+1) of the run). One foreach lerp, the count on the host: no device sync.
     """
 
     def __init__(self, model, decay, power):
@@ -75,7 +75,8 @@ def new_part(model_cfg, cfg, device):
     """A U-Net seeded by cfg.seed, its EMA and Adam, as every run starts."""
     torch.manual_seed(cfg.seed)
     model = UNet(model_cfg).to(device)
-    if cfg.memory_format == "channels_last":  # before the EMA copies it and Adam allocates its state
+    # before the EMA copies it and Adam allocates its state
+    if cfg.memory_format == "channels_last":
         model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.ema_decay, cfg.ema_power)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
@@ -100,15 +101,17 @@ def lr_at(step, cfg, total):
 
 
 def drop_labels(labels, p, null, generator=None):
-    """Replace each label by the "no class" token `null` with probability p, so that one model learns
-    both the conditional and the unconditional score (Ho & Salimans 2022, Algorithm 1): [B] -> [B]."""
+    """Replace each label by the "no class" token `null` with probability p, so that one model
+    learns both the conditional and the unconditional score (Ho & Salimans 2022, Algorithm 1):
+    [B] -> [B]."""
     drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
     return torch.where(drop, torch.full_like(labels, null), labels)
 
 
 @contextlib.contextmanager
 def graceful_signals():
-    """While inside: the first SIGINT or SIGTERM is recorded for the loop to act on; a second aborts."""
+    """While inside: the first SIGINT or SIGTERM is recorded for the loop to act on; a second
+    aborts."""
     received = []
 
     def handler(signum, frame):
@@ -130,8 +133,8 @@ def graceful_signals():
 
 
 class Progress:
-    """What the loop reports: the losses, read back once per log_every steps (each read waits for the
-    device) into the state's history; the bar with loss and images/s; a line per epoch."""
+    """What the loop reports: the losses, read back once per log_every steps (each read waits for
+    the device) into the state's history; the bar with loss and images/s; a line per epoch."""
 
     def __init__(self, state, cfg, total, batch, rank):
         self.state, self.cfg, self.batch, self.pending = state, cfg, batch, []
@@ -173,14 +176,16 @@ class Progress:
         """The epoch's line: its mean loss, and the rate over its `steps` steps."""
         self.flush()
         in_epoch = [v for _, e, v in self.state["history"] if e == epoch]
-        self.say(f"epoch {epoch + 1}/{epochs}: mean loss {sum(in_epoch) / max(1, len(in_epoch)):.4f}, "
-                 f"{steps * self.batch / seconds:.0f} img/s, step {self.state['step']}/{self.bar.total}, "
+        self.say(f"epoch {epoch + 1}/{epochs}: "
+                 f"mean loss {sum(in_epoch) / max(1, len(in_epoch)):.4f}, "
+                 f"{steps * self.batch / seconds:.0f} img/s, "
+                 f"step {self.state['step']}/{self.bar.total}, "
                  f"{(time.time() - self.started) / 60:.1f} min")
 
 
 def take_step(method, nets, batch, cfg, lr, device):
-    """One optimizer step of each of the method's parts, in turn: the loss under the run's precision,
-    backward, clipping, Adam, the EMA. Returns the first part's loss, on the device."""
+    """One optimizer step of each of the method's parts, in turn: the loss under the run's
+    precision, backward, clipping, Adam, the EMA. Returns the first part's loss, on the device."""
     losses = []
     for k, (part, net) in enumerate(zip(method.parts, nets)):
         for group in part.optimizer.param_groups:
@@ -199,19 +204,21 @@ def take_step(method, nets, batch, cfg, lr, device):
 
 
 def _runnable(model, cfg, device, ranks):
-    """The model as the loop runs it: compiled if asked, and under torchrun wrapped so that backward()
-    averages the gradients over ranks. Same parameters: checkpoints save the model itself."""
+    """The model as the loop runs it: compiled if asked, and under torchrun wrapped so that
+    backward() averages the gradients over ranks. Same parameters: checkpoints save the model
+    itself."""
     net = torch.compile(model) if cfg.compile else model
     if ranks > 1:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(net,
+                                      device_ids=[device.index] if device.type == "cuda" else None)
     return net
 
 
 def train(method, images, cfg, device, state, save, labels=None, deadline=math.inf):
     """Train the method's parts on images (uint8 [N, 28, 28] on device; labels [N] too, used for a
     class-conditional model) to the run's planned step, taking save() every cfg.checkpoint_every
-    steps and at the end if a step was taken. state (new_state()) is updated in place. Returns why it
-    stopped before the planned end (a signal, the time.time() `deadline`), or None.
+    steps and at the end if a step was taken. state (new_state()) is updated in place. Returns why
+    it stopped before the planned end (a signal, the time.time() `deadline`), or None.
 
     Under torchrun each of the W processes takes its own cfg.batch_size slice of a global batch of
     W * cfg.batch_size, whose draws every rank makes alike from the same seed: the W ranks together
@@ -230,7 +237,8 @@ def train(method, images, cfg, device, state, save, labels=None, deadline=math.i
 
     def checked_save():
         progress.flush()
-        if not all(torch.isfinite(p).all() for part in method.parts for p in part.model.parameters()):
+        if not all(torch.isfinite(p).all()
+                   for part in method.parts for p in part.model.parameters()):
             raise Diverged(f"the weights stopped being finite by step {state['step']}")
         save()
         progress.restart_clock()
@@ -255,13 +263,15 @@ def train(method, images, cfg, device, state, save, labels=None, deadline=math.i
                 progress.step(step, epoch, loss)
                 if step % cfg.checkpoint_every == 0 and step < total:
                     checked_save()
-                stopped = signals[0] if signals else ("--max-minutes" if time.time() >= deadline else None)
-                if ranks > 1:  # all ranks stop at one step: they agree where they meet anyway, at a flush
+                stopped = (signals[0] if signals
+                           else "--max-minutes" if time.time() >= deadline else None)
+                # all ranks stop at one step: they agree where they meet anyway, at a flush
+                if ranks > 1:
                     stopped = agree_to_stop(stopped, device) if step % cfg.log_every == 0 else None
                 if step >= total or stopped:
                     break
-            progress.epoch_done(epoch, step - epoch * steps_per_epoch - start, time.time() - epoch_start,
-                                math.ceil(planned / steps_per_epoch))
+            progress.epoch_done(epoch, step - epoch * steps_per_epoch - start,
+                                time.time() - epoch_start, math.ceil(planned / steps_per_epoch))
         progress.bar.close()
         if step > first:
             checked_save()
@@ -285,15 +295,17 @@ def measure_rate(method, images, cfg, device, labels=None, steps=20, warmup=5):
     go(warmup)
     first, start = state["step"], time.perf_counter()
     go(warmup + steps)  # ends reading the losses back: the device has finished
-    return (state["step"] - first) / (time.perf_counter() - start) if state["step"] > first else math.inf
+    return ((state["step"] - first) / (time.perf_counter() - start) if state["step"] > first
+            else math.inf)
 
 
 def plan_length(cfg, scratch, images, labels, device, deadline, steps_per_epoch, done=0):
-    """(cfg with `steps` set so that the run's schedule ends by time.time() `deadline`, or at its own
-    end if that comes first; the step rate measured on the scratch method): --max-minutes's plan for
-    a run that has taken `done` steps."""
+    """(cfg with `steps` set so that the run's schedule ends by time.time() `deadline`, or at its
+    own end if that comes first; the step rate measured on the scratch method): --max-minutes's plan
+    for a run that has taken `done` steps."""
     rate = measure_rate(scratch, images, cfg, device, labels)
     left = max(0.0, deadline - time.time())
-    affordable = done + int(0.97 * rate * left) if math.isfinite(rate) else math.inf  # 3%: saves, noise
+    # 3%: saves, noise
+    affordable = done + int(0.97 * rate * left) if math.isfinite(rate) else math.inf
     steps = max(done + 1, min(cfg.total_steps(steps_per_epoch), affordable))
     return replace(cfg, steps=smallest_over_ranks(steps, device)), rate

@@ -1,8 +1,8 @@
 """The denoiser: a small U-Net for 1x28x28 images, in the style of Ho et al. 2020 (appendix B).
 
-Resolutions go 28 -> 14 -> 7 and back: stride-2 convolutions halve, nearest-neighbour
-upsampling doubles, so every size is exact and nothing is cropped. The network only maps (x_t, t[, y])
-to its prediction; what the prediction means is diffusion.py's.
+Resolutions go 28 -> 14 -> 7 and back: stride-2 convolutions halve, nearest-neighbour upsampling
+doubles, so every size is exact and nothing is cropped. The network only maps (x_t, t[, y]) to its
+prediction; what the prediction means is diffusion.py's.
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -29,8 +29,10 @@ class UNetConfig:
     num_res_blocks: int = 2  # residual blocks per level on the way down
     attn_resolutions: tuple = (7,)  # feature-map sizes that get self-attention
     dropout: float = 0.1
-    num_classes: int = 0  # > 0: class-conditional, with label num_classes meaning "no class" (Ho & Salimans 2022)
-    learned_variance: bool = False  # also output the variance fraction v per pixel (Nichol & Dhariwal 2021, 3.1)
+    # > 0: class-conditional, with label num_classes meaning "no class" (Ho & Salimans 2022)
+    num_classes: int = 0
+    # also output the variance fraction v per pixel (Nichol & Dhariwal 2021, 3.1)
+    learned_variance: bool = False
 
     def __post_init__(self):
         # Checkpoints store plain lists; keep tuples so configs compare equal after a round trip.
@@ -39,7 +41,8 @@ class UNetConfig:
         if self.width <= 0 or self.width % GROUPS:
             raise ValueError(f"width must be a positive multiple of {GROUPS}, got {self.width}")
         if not self.channel_mults or min(self.channel_mults) < 1:
-            raise ValueError(f"channel_mults must be one or more positive integers, got {self.channel_mults}")
+            raise ValueError(f"channel_mults must be one or more positive integers, "
+                             f"got {self.channel_mults}")
         if self.image_size % 2 ** (len(self.channel_mults) - 1):
             raise ValueError(f"image_size {self.image_size} cannot be halved "
                              f"{len(self.channel_mults) - 1} times exactly")
@@ -51,15 +54,17 @@ class UNetConfig:
             raise ValueError(f"num_classes cannot be negative, got {self.num_classes}")
         sizes = self.resolutions()
         if set(self.attn_resolutions) - set(sizes):
-            raise ValueError(f"attn_resolutions {self.attn_resolutions}: this network's feature maps are "
-                             f"{', '.join(map(str, sizes))} pixels wide")
+            raise ValueError(f"attn_resolutions {self.attn_resolutions}: this network's feature "
+                             f"maps are {', '.join(map(str, sizes))} pixels wide")
         # Attention runs at the attn_resolutions levels and in the middle, at the lowest one.
-        attended = {self.width * m for m, r in zip(self.channel_mults, sizes) if r in self.attn_resolutions}
+        attended = {self.width * m for m, r in zip(self.channel_mults, sizes)
+                    if r in self.attn_resolutions}
         for ch in sorted(attended | {self.width * self.channel_mults[-1]}):
             if ch % attention_heads(ch):
-                raise ValueError(f"width {self.width}: an attention block gets {ch} channels, which its "
-                                 f"{attention_heads(ch)} heads of {HEAD_DIM} do not divide; use a width whose "
-                                 f"attention channels are a multiple of {HEAD_DIM} or below it (e.g. 32, 64)")
+                raise ValueError(f"width {self.width}: an attention block gets {ch} channels, "
+                                 f"which its {attention_heads(ch)} heads of {HEAD_DIM} do not "
+                                 f"divide; use a width whose attention channels are a multiple "
+                                 f"of {HEAD_DIM} or below it (e.g. 32, 64)")
 
     def out_channels(self):
         """The prediction's channels, then as many for the variance if it is learned."""
@@ -82,7 +87,8 @@ class UNetConfig:
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, sec. 3.5): [B] -> [B, dim]."""
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, sec. 3.5):
+    [B] -> [B, dim]."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -100,7 +106,8 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(GROUPS, cout)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -126,13 +133,15 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                             v.transpose(-1, -2))
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class UNet(nn.Module):
-    """Predicts the noise (or another target) in x_t: ([B, C, H, W], t [B], labels [B] or None) -> [B, C, H, W],
-    or [B, 2C, H, W] with the variance fraction's channels after the prediction's when learned_variance.
+    """Predicts the noise (or another target) in x_t:
+    ([B, C, H, W], t [B], labels [B] or None) -> [B, C, H, W], or [B, 2C, H, W] with the variance
+    fraction's channels after the prediction's when learned_variance.
 
     A conditional model given no labels (or label num_classes) is the unconditional model.
     """
@@ -141,7 +150,8 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config
         temb_dim = 4 * c.width
-        self.temb = nn.Sequential(nn.Linear(c.width, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.temb = nn.Sequential(nn.Linear(c.width, temb_dim), nn.SiLU(),
+                                  nn.Linear(temb_dim, temb_dim))
         # One embedding per class plus the "no class" token, added to the timestep embedding.
         self.class_emb = nn.Embedding(c.num_classes + 1, temb_dim) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, c.width, 3, padding=1)
@@ -177,7 +187,8 @@ class UNet(nn.Module):
                                               nn.Conv2d(ch, ch, 3, padding=1)]))
                 res *= 2
 
-        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels(), 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(),
+                                 nn.Conv2d(ch, c.out_channels(), 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
