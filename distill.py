@@ -46,6 +46,14 @@ def halvings(teacher_steps, to_steps):
     return steps
 
 
+def reached_by_halving(teacher_steps, to_steps):
+    """Whether halving teacher_steps exactly, once or more, reaches to_steps (at least 1)."""
+    n = teacher_steps
+    while n > max(to_steps, 0) and n % 2 == 0:
+        n //= 2
+    return 1 <= to_steps < teacher_steps and n == to_steps
+
+
 def saved_rounds(folder):
     """{student steps: (checkpoint, its file)} for every round folder under `folder` that holds
     one."""
@@ -217,8 +225,7 @@ def run(args):
         found = saved_rounds(ckpt_dir)
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
         first_steps = record["from_steps"]
-        check(to_steps >= 1 and first_steps > to_steps and first_steps % to_steps == 0
-              and (first_steps // to_steps) & (first_steps // to_steps - 1) == 0,
+        check(reached_by_halving(first_steps, to_steps),
               f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} "
               f"steps: give a power of two below it, such as --teacher-steps 64 --to-steps 4")
         prepare_fashion_mnist(args.data_dir)
