@@ -163,9 +163,9 @@ def _from_v6(ckpt):
     """7 records a student's sampler as a SamplerConfig, its step count inside ("spacing" is its
     grid); a model trained as usual is unchanged."""
     record = ckpt.get("distillation")
-    if isinstance(record, dict) and isinstance(record.get("sampler"), dict) and "steps" in record:
-        old = dict(record["sampler"])
-        sampler = {"sampler": old.get("sampler"), "steps": record["steps"], "eta": old.get("eta"),
+    if isinstance(record, dict) and isinstance(record.get("sampler"), dict):
+        old, steps = dict(record["sampler"]), record.get("steps")
+        sampler = {"sampler": old.get("sampler"), "steps": steps, "eta": old.get("eta"),
                    "grid": old.get("spacing")}
         kept = {k: v for k, v in record.items() if k != "steps"}
         ckpt = {**ckpt, "distillation": {**kept, "sampler": sampler}}
@@ -213,8 +213,8 @@ def _check_student(record, path):
                       f"{', '.join(DISTILLED)}")
     try:
         sampler = SamplerConfig(**record["sampler"])
-        if not (isinstance(sampler.steps, int) and sampler.steps >= 1):
-            raise ValueError(f"a student's step count is a positive number, not {sampler.steps!r}")
+        if sampler.steps is None or sampler.grid is None:
+            raise ValueError("a student's sampler names its step count and its grid")
     except (TypeError, ValueError) as e:
         raise Damaged(f"checkpoint {path} is damaged: its student's sampler "
                       f"{record['sampler']!r} is not one this code knows "

@@ -201,6 +201,10 @@ class SamplerConfig:
             raise ValueError(f"unknown timestep grid {self.grid!r}; choose from {', '.join(GRIDS)}")
         if self.eta is not None and SAMPLER_DEFAULTS[self.sampler][1] is None:
             raise ValueError(f"eta applies to ddim and dpm++, not {self.sampler}")
+        if self.steps is not None and not (type(self.steps) is int and self.steps >= 1):
+            raise ValueError(f"steps must be a whole number from 1 up, got {self.steps!r}")
+        if self.eta is not None and not (type(self.eta) in (int, float) and 0 <= self.eta <= 1):
+            raise ValueError(f"eta must be a number from 0 to 1, got {self.eta!r}")
 
     @classmethod
     def from_flags(cls, sampler, steps, eta, timesteps, own=None):

@@ -235,3 +235,20 @@ def test_an_older_student_teaches_the_next_round(name, cli):
     student = load_checkpoint(cli.ckpt / "1-steps")
     assert student["distillation"]["sampler"] == student_sampler(1).to_dict()
     assert student["distillation"]["round"] == 2 and student["step"] == 10
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: {k: v for k, v in r.items() if k != "steps"}, "names its step count and its grid"),
+    (lambda r: {**r, "steps": True}, "steps must be a whole number"),
+    (lambda r: {**r, "sampler": {**r["sampler"], "eta": "0"}}, "eta must be a number from 0 to 1"),
+    (lambda r: {**r, "sampler": {**r["sampler"], "sampler": "euler"}}, "unknown sampler 'euler'"),
+])
+def test_a_damaged_student_record_is_one_line_and_gives_way_to_the_previous_file(change, message,
+                                                                                  tmp_path, fails):
+    import sample
+    ckpt = torch.load(FIXTURES / "v6-student.pt", weights_only=True)
+    torch.save({**ckpt, "distillation": change(ckpt["distillation"])}, tmp_path / "ckpt.pt")
+    err = fails(sample, ["--checkpoint", tmp_path, "--output-dir", tmp_path / "out"])
+    assert "is damaged: its student's sampler" in err and message in err
+    (tmp_path / "ckpt.prev.pt").write_bytes((FIXTURES / "v6-student.pt").read_bytes())
+    assert load_checkpoint(tmp_path)["distillation"]["sampler"] == student_sampler(2).to_dict()

@@ -288,6 +288,10 @@ def test_generate_draws_what_sample_py_draws_unless_told_otherwise():
     (dict(sampler="euler"), "unknown sampler 'euler'"),
     (dict(grid="karras"), "unknown timestep grid 'karras'"),
     (dict(sampler="ddpm", eta=0.5), "eta applies to ddim and dpm++, not ddpm"),
+    (dict(steps=True), "steps must be a whole number from 1 up, got True"),
+    (dict(steps=0), "steps must be a whole number from 1 up, got 0"),
+    (dict(eta="0"), "eta must be a number from 0 to 1, got '0'"),
+    (dict(eta=1.5), "eta must be a number from 0 to 1, got 1.5"),
 ])
 def test_unknown_sampler_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
