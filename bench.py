@@ -24,7 +24,7 @@ from device import default_batch_size, pick_device, tf32
 from diffusion import Diffusion, DiffusionConfig
 from files import atomic_write
 from methods import denoising
-from samplers import SamplerConfig, generate
+from samplers import SAMPLER_DEFAULTS, SamplerConfig, generate
 from training import measure_rate
 from unet import UNet
 
@@ -96,7 +96,8 @@ def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
 def sample_rate(model, diffusion, sampler, steps, n, precision):
     """Images per second of generate() with this sampler and step count, eta 0 where it takes one
     (the deterministic samplers, as the speed tables in docs/results.md were measured)."""
-    config = SamplerConfig(sampler, steps, None if sampler == "ddpm" else 0.0)
+    takes_eta = SAMPLER_DEFAULTS[sampler][1] is not None
+    config = SamplerConfig(sampler, steps, 0.0 if takes_eta else None)
     start = time.perf_counter()
     generate(model, diffusion, n, sampler=config, progress=False,
              precision=precision)

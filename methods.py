@@ -37,8 +37,7 @@ class Denoising:
             t_all, weights = self.importance.sample(n, g, device)
         else:
             t_all = torch.randint(0, self.diffusion.timesteps, (n,), device=device, generator=g)
-        noise = torch.randn(batch.x0.shape, device=device, generator=g)[batch.mine]
-        t = t_all[batch.mine]
+        noise, t = batch.noise(), t_all[batch.mine]
         losses = self.diffusion.loss(net, batch.x0[batch.mine], t, noise, batch.labels_of_mine())
         if not self.importance:
             return losses.mean()
@@ -123,5 +122,5 @@ class Distillation:
     def loss(self, k, net, batch):
         n, g, device = len(batch.x0), batch.generator, batch.x0.device
         i = torch.randint(0, self.steps, (n,), device=device, generator=g)[batch.mine]
-        noise = torch.randn(batch.x0.shape, device=device, generator=g)[batch.mine]
-        return self.per_example(net, batch.x0[batch.mine], i, noise, batch.labels_of_mine()).mean()
+        return self.per_example(net, batch.x0[batch.mine], i, batch.noise(),
+                                batch.labels_of_mine()).mean()

@@ -62,6 +62,12 @@ class Batch:
     def labels_of_mine(self):
         return None if self.labels is None else self.labels[self.mine]
 
+    def noise(self):
+        """Gaussian noise drawn for the whole global batch, every rank alike, and this rank's share
+        of it: what W ranks draw together is what one process would. [B, C, H, W]."""
+        x0 = self.x0
+        return torch.randn(x0.shape, device=x0.device, generator=self.generator)[self.mine]
+
 
 @dataclass
 class Part:
@@ -186,7 +192,6 @@ class Progress:
 def take_step(method, nets, batch, cfg, lr, device):
     """One optimizer step of each of the method's parts, in turn: the loss under the run's
     precision, backward, clipping, Adam, the EMA. Returns the first part's loss, on the device."""
-    losses = []
     for k, (part, net) in enumerate(zip(method.parts, nets)):
         for group in part.optimizer.param_groups:
             group["lr"] = lr
@@ -199,8 +204,9 @@ def take_step(method, nets, batch, cfg, lr, device):
         part.optimizer.step()
         if part.ema is not None:
             part.ema.update_parameters(part.model)
-        losses.append(loss.detach())
-    return losses[0]
+        if k == 0:  # what the loop reports and records
+            first = loss.detach()
+    return first
 
 
 def _runnable(model, cfg, device, ranks):

@@ -108,7 +108,7 @@ class GeneratorAndCritic:
         self.order.append(k)
         x0 = batch.x0[batch.mine]
         t = torch.zeros(len(x0), dtype=torch.long)
-        noise = torch.randn(x0.shape, generator=batch.generator)[batch.mine]
+        noise = batch.noise()
         if k == 0:
             return (net(noise, t) - x0).pow(2).mean()
         with torch.no_grad():
