@@ -142,8 +142,10 @@ def run(args):
           f"evaluation; fp32 matmul peak {peak:.0f} GFLOP/s")
     rows = []
     if "training" not in args.skip:
-        images = data.load_fashion_mnist(args.data_dir)[0].to(device)
-        rows += training_rows(args, configs, images, device, train_flops / 1e9 / peak)
+        images, labels = data.load_fashion_mnist(args.data_dir)
+        labels = labels.to(device) if configs[0].num_classes else None  # as train.py passes them
+        rows += training_rows(args, configs, images.to(device), labels, device,
+                              train_flops / 1e9 / peak)
     rows += sampling_rows(args, model.to(device).eval(), diffusion.to(device), device,
                           sample_flops / 1e9 / peak)
     results = {"device": str(device), "threads": torch.get_num_threads(), "preset": preset,
@@ -153,7 +155,7 @@ def run(args):
     print(f"wrote {args.json}")
 
 
-def training_rows(args, configs, images, device, share):
+def training_rows(args, configs, images, labels, device, share):
     """Training images/s of the plain baseline and of the training loop in each setting. share: the
     fraction of peak one image per second is."""
     model_cfg, diffusion_cfg, cfg = configs
@@ -186,8 +188,8 @@ def training_rows(args, configs, images, device, share):
             # each row names its own
             setting = replace(cfg, **{"memory_format": "contiguous", **options})
             scratch, _ = denoising(model_cfg, diffusion_cfg, setting, device)
-            rate = cfg.batch_size * measure_rate(scratch, images, setting, device, steps=args.steps,
-                                                 warmup=warmup)
+            rate = cfg.batch_size * measure_rate(scratch, images, setting, device, labels,
+                                                 steps=args.steps, warmup=warmup)
         report(name, rate, plain)
     return rows
 

@@ -1,13 +1,11 @@
 """The checkpoint file, written and read here only: its format and every version of it (old ones
 upgraded through constants frozen here, never through today's defaults), safe loading with the
-fallback to the previous file, rebuilding the model, and the folder a run writes (its lock). How
-bytes reach the disk safely is files.py's."""
-import contextlib
+fallback to the previous file, rebuilding the model, and the folder a run writes. How bytes
+reach the disk safely, and the folder's lock, are files.py's."""
 import os
 import pickle
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,14 +16,8 @@ from files import atomic_save
 from samplers import SamplerConfig
 from unet import UNet, UNetConfig
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
-
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 7  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 8  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
@@ -111,6 +103,7 @@ V1_CHANNEL_MULTS, V1_IMAGE_SIZE = (1, 2, 2), 28
 V2_DIFFUSION = {"variance": "fixed_small", "loss": "simple"}  # Ho et al.'s, before Improved DDPM
 V3_TRAIN = {"steps": 0, "lr_schedule": "constant", "ema_power": 8.0, "memory_format": "contiguous"}
 V5_STUDENT_SAMPLER = {"sampler": "ddim", "eta": 0.0, "spacing": "even"}  # every version-5 student's
+V7_TRAIN = {"plan_minutes": 0.0, "planned_rate": 0.0}  # no run's length was planned in fixed steps
 
 
 def _from_v1(ckpt):
@@ -172,7 +165,14 @@ def _from_v6(ckpt):
     return ckpt
 
 
-UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4, 5: _from_v5, 6: _from_v6}
+def _from_v7(ckpt):
+    """8 plans a run's length in fixed step counts and records the rate it measured."""
+    config = ckpt["config"]
+    return {**ckpt, "config": {**config, "train": {**V7_TRAIN, **config["train"]}}}
+
+
+UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4, 5: _from_v5, 6: _from_v6,
+            7: _from_v7}
 
 
 def _version(ckpt, path):
@@ -329,34 +329,6 @@ def build_teacher(ckpt, device="cpu"):
 
 
 # ------------------------------------------------------------------------ the folder a run writes
-
-@contextlib.contextmanager
-def locked(folder, flag="--checkpoint-dir"):
-    """Hold folder/.lock while inside, so that a second run on the same folder stops at once. The
-    lock is the operating system's (flock), so it dies with its process: a killed run leaves no
-    stale lock."""
-    f = open(Path(folder) / ".lock", "a+")
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{folder}/ is in use by {holder}; wait for it to end, or choose another "
-                        f"{flag}") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{Path(sys.argv[0]).name} (pid {os.getpid()}, "
-                f"started {time.strftime('%Y-%m-%d %H:%M:%S')})")
-        f.flush()
-        yield
-    finally:
-        f.close()  # closing releases the lock
-
 
 def continues(folder, source):
     """Whether a run resuming from the file `source` continues the run saved in folder: it is one of

@@ -11,13 +11,15 @@ from diffusion import DiffusionConfig
 from unet import UNetConfig
 
 # Presets fill in every flag the user did not give. The cpu one is sized so that `make train` ends
-# within 30 minutes on the slower 2-core machine measured, the Intel Xeon (README, "Measured: the
-# default recipe"): 5,500 steps with a decay to 0, the cosine noise schedule and an EMA over about
-# the last fifth of the run (power 4). The gpu one is a larger model trained for longer.
+# within 30 minutes on the slowest 2-core machine measured (docs/results.md, "The default recipe"):
+# a class-conditional model trained for as many steps as 25 minutes allow at the rate measured as
+# it starts (plan_minutes), with a decay to 0, the cosine noise schedule and an EMA over about the
+# last fifth of the run (power 4). The gpu one is a larger model trained for longer.
 PRESETS = {
     "cpu": dict(width=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
-                dropout=0.0, steps=5500, batch_size=64, lr=1e-3, lr_schedule="cosine",
-                schedule="cosine", ema_power=4.0, precision="auto", memory_format="auto"),
+                dropout=0.0, num_classes=10, plan_minutes=25.0, batch_size=64, lr=1e-3,
+                lr_schedule="cosine", schedule="cosine", ema_power=4.0, precision="auto",
+                memory_format="auto"),
     "gpu": dict(width=64, channel_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,),
                 dropout=0.1, epochs=40, batch_size=128, lr=2e-4, precision="auto",
                 memory_format="auto"),
@@ -35,8 +37,13 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 @dataclass
 class TrainConfig:
     epochs: int = 2
-    # optimizer steps in the run; 0: epochs x steps per epoch. --max-minutes plans it
+    # optimizer steps in the run; 0: epochs x steps per epoch, unless a plan sets it
     steps: int = 0
+    # a new run given no length: the most steps, a multiple of PLAN_STEPS, that train in this many
+    # minutes at the rate measured as it starts (training.plan_length); 0: no plan
+    plan_minutes: float = 0.0
+    # a record, not a setting: training images/s measured when a plan set `steps`; 0: not planned
+    planned_rate: float = 0.0
     batch_size: int = 64
     lr: float = 1e-3
     # after warm-up: constant, or a cosine or linear decay to 0 at the last step
@@ -111,6 +118,7 @@ def resolve_configs(args, device, saved=None):
         check("epochs" not in given or not base["steps"] or "steps" in given,
               f"--epochs: this run is {base['steps']} steps long (--steps, the cpu preset, or "
               f"--max-minutes's plan); give --steps N to change it")
+        given.pop("plan_minutes", None)  # 0 (validate() refuses more): the run's length is its own
         note = f"config from {args.resume}"
     else:
         preset = given.get("preset", "auto")
@@ -120,9 +128,9 @@ def resolve_configs(args, device, saved=None):
         why = ("--preset" if given.get("preset", "auto") != "auto"
                else f"--preset auto found a {device.type} device")
         note = f"preset {preset} ({why}; --preset cpu|gpu or any single flag changes it)"
-        # --epochs sets the length the preset gave in steps
-        if "epochs" in given and "steps" not in given:
-            base["steps"] = 0
+        # a length given replaces the preset's plan
+        if "epochs" in given or "steps" in given:
+            base.update(steps=0, plan_minutes=0.0)
     merged = {**base, **given}
     # the network's extra output channels
     merged["learned_variance"] = merged["variance"] == "learned"
@@ -147,11 +155,18 @@ def validate(args, model_cfg, cfg):
     for name in ("epochs", "batch_size", "lr", "checkpoint_every", "log_every"):
         check(getattr(cfg, name) > 0,
               f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("steps", "warmup_steps", "max_steps", "max_minutes", "grad_clip", "ema_power"):
+    for name in ("steps", "warmup_steps", "max_steps", "max_minutes", "plan_minutes", "grad_clip",
+                 "ema_power"):
         check(getattr(cfg, name) >= 0,
               f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
     check(not (args.steps and args.epochs),
           "--steps and --epochs both set the run's length: give one of them")
+    check(not (args.plan_minutes and (args.steps or args.epochs)),
+          "--plan-minutes sets the run's length from the measured step rate, as --steps and "
+          "--epochs do: give one of them")
+    check(not (args.plan_minutes and args.resume),
+          "--plan-minutes plans a new run; a resumed run keeps its length: give --steps N to "
+          "change it")
     check(0 <= cfg.cond_drop <= 1, f"--cond-drop must be in [0, 1], got {cfg.cond_drop}")
     check(model_cfg.num_classes or args.cond_drop is None,
           "--cond-drop applies to class-conditional models only: "

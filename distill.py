@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, locked, make_checkpoint,
+from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, make_checkpoint,
                         open_checkpoint, restore, save_checkpoint, take_folder, teacher_checkpoint)
 from cli import ArgumentParser, check, check_writable, run_command
 from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
@@ -23,6 +23,7 @@ from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
 from device import fastest_settings, pick_device
 from diffusion import Diffusion
 from figures import draw_pictures, save_labelled
+from files import locked
 from methods import Distillation, student_sampler
 from samplers import GUIDANCE, SamplerConfig, generate
 from training import new_part, new_state, train

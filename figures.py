@@ -145,16 +145,17 @@ def plot_sweep(rows, path):
 
 
 def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, learned=None,
-                  **kw):
+                  by_class=True, **kw):
     """The pictures a run draws: n images in out/samples.png. A conditional model given no label
     draws ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row
-    per class. learned: a distilled student's guidance scale, which it applies itself: none is added
-    to it. kw: generate()'s options (sampler, batch_size, callback, ...). Returns the images."""
+    per class; by_class=False: n images with no class asked for, as an unconditional model draws.
+    learned: a distilled student's guidance scale, which it applies itself: none is added to it.
+    kw: generate()'s options (sampler, batch_size, callback, ...). Returns the images."""
     guidance = 0.0 if learned is not None else guidance
     labels, per_class = None, None
     if model.config.num_classes and label is not None:
         labels = torch.full((n,), label)
-    elif model.config.num_classes:
+    elif model.config.num_classes and by_class:
         per_class = -(-n // len(CLASSES))
         labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
     images = generate(model, diffusion, len(labels) if labels is not None else n, seed,

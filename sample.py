@@ -46,6 +46,9 @@ def build_parser():
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
     a("--guidance", type=float,
       help=f"conditional models: classifier-free guidance scale w ({GUIDANCE:g})")
+    a("--unconditional", action="store_true",
+      help="conditional models: draw with the 'no class' token, as an unconditional model would, "
+           "instead of a row per class")
     a("--no-ema", action="store_true",
       help="sample with the raw trained weights instead of their EMA")
     a("--device", default="auto",
@@ -70,6 +73,12 @@ def run(args):
     check(conditional or args.guidance is None,
           "--guidance applies to class-conditional models only; this checkpoint's is "
           "unconditional: drop --guidance")
+    check(conditional or not args.unconditional,
+          "--unconditional applies to class-conditional models; this checkpoint's is "
+          "unconditional already: drop --unconditional")
+    check(not (args.unconditional and (label is not None or args.guidance is not None)),
+          "--unconditional draws with no class, where --class and --guidance have nothing to "
+          "steer: drop one of them")
     student = ckpt["distillation"]
     if student:
         check(args.guidance is None,
@@ -96,10 +105,10 @@ def draw(args, model, diffusion, sampler, label, student, out):
             snapshots.append((f"t = {t}", x[:keep].cpu()))
 
     guidance = GUIDANCE if args.guidance is None else args.guidance
+    by_class = model.config.num_classes and label is None and not args.unconditional
     images = draw_pictures(model, diffusion, args.n, out, args.seed, label, guidance,
-                           student["guidance"] if student else None, sampler=sampler,
-                           batch_size=args.batch_size, callback=record)
-    by_class = model.config.num_classes and label is None
+                           student["guidance"] if student else None, by_class=by_class,
+                           sampler=sampler, batch_size=args.batch_size, callback=record)
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if by_class else ""))
     if args.trajectory:
         save_labelled(snapshots, out / "denoising.png",

@@ -11,7 +11,7 @@ import time
 
 import torch.distributed as dist
 
-from checkpoint import (claim_folder, continues, locked, make_checkpoint, open_checkpoint,
+from checkpoint import (claim_folder, continues, make_checkpoint, open_checkpoint,
                         save_checkpoint, take_folder)
 from cli import ArgumentParser, Diverged, check, check_writable, run_command
 from config import LR_SCHEDULES, MEMORY_FORMATS, PRECISIONS, resolve_configs, validate
@@ -20,20 +20,20 @@ from device import tf32
 from diffusion import LOSSES, PREDICTIONS, SCHEDULES, VARIANCES, Diffusion
 from distributed import start_distributed, together, world
 from figures import draw_pictures, save_forward_figure, save_loss_history
+from files import locked
 from methods import denoising
 from samplers import SamplerConfig
-from training import plan_length, train
+from training import PLAN_STEPS, plan_length, train
 from unet import count_parameters
 
 
 def build_parser():
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
-    a("--preset", choices=["auto", "cpu", "gpu"], help="defaults for model and schedule (auto: gpu "
-                                                       "on CUDA, else cpu)")
+    a("--preset", choices=["auto", "cpu", "gpu"], help="the defaults (auto: gpu on CUDA, else cpu)")
     a("--epochs", type=int, help="passes over the 60k training images, instead of --steps (gpu preset: 40)")
-    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs "
-                                "(cpu preset: 5500; 0: use --epochs)")
+    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs or the cpu "
+                                "preset's --plan-minutes (0: use --epochs)")
     a("--batch-size", type=int, help="images per step and process (preset); fixed for a run")
     a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
@@ -43,8 +43,7 @@ def build_parser():
     a("--schedule", choices=SCHEDULES, help="beta schedule (cpu preset: cosine; gpu: linear)")
     a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v "
                                                 "(Salimans & Ho 2022) (eps)")
-    a("--min-snr-gamma", type=float, help="weight the loss by min(SNR, gamma) "
-                                          "(Hang et al. 2023); 0: off (0)")
+    a("--min-snr-gamma", type=float, help="min(SNR, gamma) loss weights (Hang et al. 2023); 0: off (0)")
     a("--variance", choices=VARIANCES, help="reverse-process variance: beta~_t, beta_t, or "
                                             "learned (fixed_small)")
     a("--loss", choices=LOSSES, help="L_simple; L_hybrid (learned variance); L_vlb, "
@@ -56,10 +55,9 @@ def build_parser():
     a("--dropout", type=float, help="dropout in residual blocks, in [0, 1) (preset)")
     a("--grad-clip", type=float, help="clip the gradient's global norm to this; 0: off (1.0)")
     a("--conditional", action=argparse.BooleanOptionalAction,
-      help="class-conditional model, for guidance (preset)")
+      help="class-conditional model, for guidance (cpu preset: conditional; gpu: not)")
     a("--cond-drop", type=float, help="conditional models: share of labels dropped to 'no class' (0.1)")
-    a("--ema-decay", type=float, help="decay of the weights' exponential moving average, used to "
-                                      "sample (0.999)")
+    a("--ema-decay", type=float, help="decay of the weights' sampled moving average (0.999)")
     a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: "
                                       "shorter average (cpu preset: 4; gpu: 8)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
@@ -74,6 +72,9 @@ def build_parser():
                                                "run, replacing it")
     a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit); this "
                                     "command only")
+    a("--plan-minutes", type=float, help="a new run's length: the most steps, a multiple of "
+                                         f"{PLAN_STEPS}, that the step rate measured as it starts "
+                                         "trains in this many minutes (cpu preset: 25; 0: off)")
     a("--max-minutes", type=float, help="a new run: measure the step rate, then set --steps so "
                                         "that the run and its learning-rate schedule end within "
                                         "this many minutes; a resumed run: stop after them "
@@ -145,16 +146,23 @@ def check_length(cfg, images, saved):
 
 
 def planned(cfg, method, state, images, labels, device, deadline, steps_per_epoch):
-    """--max-minutes on a new run: cfg with the steps that fit, measured on a scratch model."""
+    """A new run's length from the step rate measured on a scratch model: --plan-minutes's fixed
+    step counts, then --max-minutes's deadline."""
     log = print if world()[0] == 0 else lambda *_: None
     model_cfg, diffusion_cfg = method.parts[0].model.config, method.diffusion.config
     scratch, _ = denoising(model_cfg, diffusion_cfg, cfg, device)
     with tf32(device.type == "cuda"):  # as the run will train
         cfg, rate = plan_length(cfg, scratch, images, labels, device, deadline, steps_per_epoch,
                                 state["step"])
-    log(f"--max-minutes {cfg.max_minutes:g}: {rate * world()[1] * cfg.batch_size:.0f} img/s "
-        f"measured, so the run ends at step {cfg.steps} (`--steps {cfg.steps}` without "
-        f"--max-minutes repeats it exactly)")
+    measured = f"{rate * world()[1] * cfg.batch_size:.0f} img/s measured"
+    if cfg.planned_rate:
+        minutes = cfg.steps / rate / 60
+        log(f"--plan-minutes {cfg.plan_minutes:g}: {measured}, so {cfg.steps} steps, the most (in "
+            f"multiples of {PLAN_STEPS}) that train in that time: about {minutes:.0f} min. "
+            f"`--steps {cfg.steps}` repeats this run on any machine")
+    if cfg.max_minutes:
+        log(f"--max-minutes {cfg.max_minutes:g}: {measured}, so the run ends at step {cfg.steps} "
+            f"(`--steps {cfg.steps}` without --max-minutes repeats it exactly)")
     if not cfg.decays_within(cfg.steps):
         log(f"warning: those {cfg.steps} steps are all warm-up, so the learning rate never decays; "
             f"give more minutes, fewer --warmup-steps or --lr-schedule constant")
@@ -183,7 +191,7 @@ def fit(args, cfg, device, saved, note, images, labels, method, state, out, ckpt
     images, labels, started = images.to(device), labels.to(device), time.time()
     deadline = started + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     # a resumed run keeps its length; the deadline may stop it
-    if cfg.max_minutes and saved is None:
+    if (cfg.max_minutes or cfg.plan_minutes) and saved is None:
         cfg = planned(cfg, method, state, images, labels, device, deadline, steps_per_epoch)
     log(describe_run(note, cfg, method, images, steps_per_epoch, device))
     if saved is None and rank == 0:

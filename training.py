@@ -284,6 +284,9 @@ def train(method, images, cfg, device, state, save, labels=None, deadline=math.i
     return stopped
 
 
+PLAN_STEPS = 500  # a planned run's length is a multiple of this
+
+
 def measure_rate(method, images, cfg, device, labels=None, steps=20, warmup=5):
     """Steps per second of train() itself, on a scratch method (its own networks and optimizers),
     after `warmup` steps (and any compilation) are done. Every step of train() seeds its own draws,
@@ -306,12 +309,17 @@ def measure_rate(method, images, cfg, device, labels=None, steps=20, warmup=5):
 
 
 def plan_length(cfg, scratch, images, labels, device, deadline, steps_per_epoch, done=0):
-    """(cfg with `steps` set so that the run's schedule ends by time.time() `deadline`, or at its
-    own end if that comes first; the step rate measured on the scratch method): --max-minutes's plan
-    for a run that has taken `done` steps."""
+    """(cfg with its length planned, the step rate measured on the scratch method) for a run that
+    has taken `done` steps. cfg.plan_minutes: the most steps, a multiple of PLAN_STEPS, that train
+    in that many minutes (so that reruns on one machine repeat), recorded with the rate measured;
+    a finite time.time() `deadline` (--max-minutes) then ends the run's schedule by it."""
     rate = measure_rate(scratch, images, cfg, device, labels)
-    left = max(0.0, deadline - time.time())
-    # 3%: saves, noise
-    affordable = done + int(0.97 * rate * left) if math.isfinite(rate) else math.inf
-    steps = max(done + 1, min(cfg.total_steps(steps_per_epoch), affordable))
-    return replace(cfg, steps=smallest_over_ranks(steps, device)), rate
+    steps = cfg.total_steps(steps_per_epoch)
+    if cfg.plan_minutes and math.isfinite(rate):
+        fits = int(rate * 60 * cfg.plan_minutes) // PLAN_STEPS * PLAN_STEPS
+        steps = max(PLAN_STEPS, fits)
+        cfg = replace(cfg, planned_rate=round(rate * world()[1] * cfg.batch_size, 1))
+    if math.isfinite(deadline) and math.isfinite(rate):
+        # 3%: saves, noise
+        steps = min(steps, done + int(0.97 * rate * max(0.0, deadline - time.time())))
+    return replace(cfg, steps=smallest_over_ranks(max(done + 1, steps), device)), rate

@@ -87,6 +87,33 @@ def test_per_class_grid_has_a_row_per_class_in_order(conditional_model, tmp_path
     assert (tmp_path / "samples.png").is_file()
 
 
+def test_unconditional_drawing_asks_for_no_class(conditional_model, tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(figures, "generate", lambda *a, **k: asked.append(k) or torch.zeros(a[2], 1, 28, 28))
+    images = figures.draw_pictures(conditional_model, Diffusion(DiffusionConfig(10)), 7, tmp_path, by_class=False)
+    assert images.shape[0] == 7 and asked[0]["labels"] is None  # the 'no class' token, as model(x, t) takes it
+    assert not (tmp_path / "samples_by_class.png").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--unconditional", "--class", "bag"], "drop one of them"),
+    (["--unconditional", "--guidance", "1"], "drop one of them"),
+])
+def test_unconditional_with_a_class_or_guidance_is_refused(conditional_model, tmp_path, fails, flags, message):
+    from checkpoint import make_checkpoint, save_checkpoint
+    from config import TrainConfig
+    part = training.new_part(conditional_model.config, TrainConfig(), torch.device("cpu"))
+    save_checkpoint(make_checkpoint(part, Diffusion(DiffusionConfig(10)), TrainConfig().recipe(),
+                                    training.new_state(), 1), tmp_path)
+    err = fails(sample, ["--checkpoint", tmp_path, "--output-dir", tmp_path / "out", *flags])
+    assert message in err and not (tmp_path / "out").exists()
+
+
+def test_unconditional_on_an_unconditional_model_is_refused(good_checkpoint, tmp_path, fails):
+    err = fails(sample, ["--checkpoint", good_checkpoint, "--unconditional", "--output-dir", tmp_path])
+    assert "unconditional already" in err
+
+
 def test_generate_gives_each_image_its_class(conditional_model, monkeypatch):
     asked = []
     real_guided = samplers.guided
@@ -106,6 +133,9 @@ def test_conditional_train_sample_evaluate(cli):
     assert ckpt["config"]["model"]["num_classes"] == 10
     r = cli.run("sample.py", "--class", "ankle boot", "--guidance", "1.5", "--n", "3", "--steps", "4")
     assert r.returncode == 0, r.stderr
+    r = cli.run("sample.py", "--unconditional", "--n", "3", "--steps", "4", "--output-dir", cli.out / "none")
+    assert r.returncode == 0, r.stderr
+    assert (cli.out / "none" / "samples.png").is_file() and not (cli.out / "none" / "samples_by_class.png").exists()
     evaluate.main([str(a) for a in ["--checkpoint", cli.ckpt, "--data-dir", cli.data, "--classifier-dir", cli.ckpt,
                                     "--output-dir", cli.out, "--n", "20", "--sampler", "ddim", "--steps", "3",
                                     "--guidance-sweep", "0", "2"]])
