@@ -3,6 +3,7 @@ resumed checkpoint combine into the model, diffusion and training configs. The m
 diffusion's own settings are UNetConfig (unet.py) and DiffusionConfig (diffusion.py); the sampler's
 are SamplerConfig (samplers.py)."""
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 
 from cli import UserError, check
@@ -161,6 +162,8 @@ def validate(args, model_cfg, cfg):
               f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
     check(not (args.steps and args.epochs),
           "--steps and --epochs both set the run's length: give one of them")
+    check(math.isfinite(cfg.plan_minutes), f"--plan-minutes must be a finite number of minutes, "
+                                           f"got {cfg.plan_minutes}")
     check(not (args.plan_minutes and (args.steps or args.epochs)),
           "--plan-minutes sets the run's length from the measured step rate, as --steps and "
           "--epochs do: give one of them")

@@ -225,9 +225,10 @@ def finish(args, cfg, method, state, stopped, out, ckpt_dir, started):
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
         return
     sampler = SamplerConfig().resolve(diffusion.timesteps)
-    draw_pictures(ema.module.eval(), diffusion, args.sample_n, out, cfg.seed, sampler=sampler)
+    images = draw_pictures(ema.module.eval(), diffusion, args.sample_n, out, cfg.seed,
+                           sampler=sampler)
     conditional = ema.module.config.num_classes
-    print(f"wrote {out / 'samples.png'} ({args.sample_n} images from the EMA weights, "
+    print(f"wrote {out / 'samples.png'} ({len(images)} images from the EMA weights, "
           f"{sampler.describe()}" + (", and samples_by_class.png)" if conditional else ")"))
 
 

@@ -228,6 +228,7 @@ def test_a_planned_run_records_its_plan_and_a_resume_keeps_it(cli, monkeypatch, 
     (["--plan-minutes", "5", "--steps", "100"], "--plan-minutes sets the run's length"),
     (["--plan-minutes", "5", "--epochs", "1"], "--plan-minutes sets the run's length"),
     (["--plan-minutes", "-1"], "--plan-minutes cannot be negative"),
+    (["--plan-minutes", "inf"], "--plan-minutes must be a finite number"),
     (["--plan-minutes", "5", "--resume", "{ckpt}", "--batch-size", "8"], "a resumed run keeps its length"),
 ])
 def test_a_plan_that_cannot_apply_is_refused(cli, fails, flags, message, good_checkpoint):
