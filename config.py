@@ -3,7 +3,6 @@ resumed checkpoint combine into the model, diffusion and training configs. The m
 diffusion's own settings are UNetConfig (unet.py) and DiffusionConfig (diffusion.py); the sampler's
 are SamplerConfig (samplers.py)."""
 import argparse
-import math
 from dataclasses import asdict, dataclass, fields
 
 from cli import UserError, check
@@ -43,7 +42,8 @@ class TrainConfig:
     # a new run given no length: the most steps, a multiple of PLAN_STEPS, that train in this many
     # minutes at the rate measured as it starts (training.plan_length); 0: no plan
     plan_minutes: float = 0.0
-    # a record, not a setting: training images/s measured when a plan set `steps`; 0: not planned
+    # a record, not a setting: training images/s measured when plan_minutes set `steps` (a resumed
+    # run may have changed them since); 0: no such plan (--max-minutes's is not recorded here)
     planned_rate: float = 0.0
     batch_size: int = 64
     lr: float = 1e-3
@@ -117,8 +117,8 @@ def resolve_configs(args, device, saved=None):
               + ", ".join("%s (checkpoint: %s)" % flag(k) for k in clash)
               + ", or start a new run elsewhere")
         check("epochs" not in given or not base["steps"] or "steps" in given,
-              f"--epochs: this run is {base['steps']} steps long (--steps, the cpu preset, or "
-              f"--max-minutes's plan); give --steps N to change it")
+              f"--epochs: this run is {base['steps']} steps long (--steps, or the plan of "
+              f"--plan-minutes or --max-minutes); give --steps N to change it")
         given.pop("plan_minutes", None)  # 0 (validate() refuses more): the run's length is its own
         note = f"config from {args.resume}"
     else:
@@ -156,14 +156,13 @@ def validate(args, model_cfg, cfg):
     for name in ("epochs", "batch_size", "lr", "checkpoint_every", "log_every"):
         check(getattr(cfg, name) > 0,
               f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("steps", "warmup_steps", "max_steps", "max_minutes", "plan_minutes", "grad_clip",
-                 "ema_power"):
+    check(0 <= cfg.plan_minutes <= 100_000,  # nan fails here too
+          f"--plan-minutes must be from 0 to 100000 minutes, got {cfg.plan_minutes}")
+    for name in ("steps", "warmup_steps", "max_steps", "max_minutes", "grad_clip", "ema_power"):
         check(getattr(cfg, name) >= 0,
               f"--{name.replace('_', '-')} cannot be negative, got {getattr(cfg, name)}")
     check(not (args.steps and args.epochs),
           "--steps and --epochs both set the run's length: give one of them")
-    check(math.isfinite(cfg.plan_minutes), f"--plan-minutes must be a finite number of minutes, "
-                                           f"got {cfg.plan_minutes}")
     check(not (args.plan_minutes and (args.steps or args.epochs)),
           "--plan-minutes sets the run's length from the measured step rate, as --steps and "
           "--epochs do: give one of them")

@@ -23,7 +23,7 @@ from figures import draw_pictures, save_forward_figure, save_loss_history
 from files import locked
 from methods import denoising
 from samplers import SamplerConfig
-from training import PLAN_STEPS, plan_length, train
+from training import PLAN_STEPS, plan_length, planned_steps, train
 from unet import count_parameters
 
 
@@ -140,7 +140,9 @@ def check_length(cfg, images, saved):
     check(saved is None or saved["step"] < min(planned, cfg.max_steps or planned),
           f"--resume: the run is at step {saved and saved['step']}, where this command would stop: "
           f"give a larger {limit}")
-    check(cfg.decays_within(planned), f"--lr-schedule {cfg.lr_schedule} decays after the warm-up, "
+    # a plan's length is known once it has measured the rate; planned() warns then
+    check(cfg.decays_within(planned) or (saved is None and cfg.plan_minutes),
+          f"--lr-schedule {cfg.lr_schedule} decays after the warm-up, "
           f"but --warmup-steps {cfg.warmup_steps} fills the run's {planned} steps: give fewer "
           f"--warmup-steps, a longer run or --lr-schedule constant")
 
@@ -156,10 +158,10 @@ def planned(cfg, method, state, images, labels, device, deadline, steps_per_epoc
                                 state["step"])
     measured = f"{rate * world()[1] * cfg.batch_size:.0f} img/s measured"
     if cfg.planned_rate:
-        minutes = cfg.steps / rate / 60
-        log(f"--plan-minutes {cfg.plan_minutes:g}: {measured}, so {cfg.steps} steps, the most (in "
-            f"multiples of {PLAN_STEPS}) that train in that time: about {minutes:.0f} min. "
-            f"`--steps {cfg.steps}` repeats this run on any machine")
+        steps = planned_steps(cfg, rate)
+        log(f"--plan-minutes {cfg.plan_minutes:g}: {measured}, so {steps} steps, the most (in "
+            f"multiples of {PLAN_STEPS}) that train in that time: about {steps / rate / 60:.0f} "
+            f"min. `--steps {cfg.steps}` repeats this run on any machine")
     if cfg.max_minutes:
         log(f"--max-minutes {cfg.max_minutes:g}: {measured}, so the run ends at step {cfg.steps} "
             f"(`--steps {cfg.steps}` without --max-minutes repeats it exactly)")

@@ -308,17 +308,24 @@ def measure_rate(method, images, cfg, device, labels=None, steps=20, warmup=5):
             else math.inf)
 
 
+def planned_steps(cfg, rate):
+    """The most steps, a multiple of PLAN_STEPS (at least one), that train in cfg.plan_minutes at
+    `rate` steps per second."""
+    return max(PLAN_STEPS, int(rate * 60 * cfg.plan_minutes) // PLAN_STEPS * PLAN_STEPS)
+
+
 def plan_length(cfg, scratch, images, labels, device, deadline, steps_per_epoch, done=0):
     """(cfg with its length planned, the step rate measured on the scratch method) for a run that
-    has taken `done` steps. cfg.plan_minutes: the most steps, a multiple of PLAN_STEPS, that train
-    in that many minutes (so that reruns on one machine repeat), recorded with the rate measured;
-    a finite time.time() `deadline` (--max-minutes) then ends the run's schedule by it."""
+    has taken `done` steps. cfg.plan_minutes: planned_steps() (whole multiples of PLAN_STEPS, so
+    that reruns on one machine repeat), recorded with the rate measured; a finite time.time()
+    `deadline` (--max-minutes) then ends the run's schedule by it."""
     rate = measure_rate(scratch, images, cfg, device, labels)
     steps = cfg.total_steps(steps_per_epoch)
     if cfg.plan_minutes and math.isfinite(rate):
-        fits = int(rate * 60 * cfg.plan_minutes) // PLAN_STEPS * PLAN_STEPS
-        steps = max(PLAN_STEPS, fits)
+        steps = planned_steps(cfg, rate)
         cfg = replace(cfg, planned_rate=round(rate * world()[1] * cfg.batch_size, 1))
+    elif cfg.plan_minutes:  # too short to time: no plan, and none recorded
+        cfg = replace(cfg, plan_minutes=0.0)
     if math.isfinite(deadline) and math.isfinite(rate):
         # 3%: saves, noise
         steps = min(steps, done + int(0.97 * rate * max(0.0, deadline - time.time())))

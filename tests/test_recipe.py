@@ -201,11 +201,12 @@ def test_a_plan_takes_the_most_whole_multiples_of_500_steps_that_fit(tiny_config
     monkeypatch.setattr(training, "measure_rate", lambda *a, **k: rate)  # steps per second
     cfg = TrainConfig(plan_minutes=minutes, batch_size=8)
     cfg, measured = training.plan_length(cfg, scratch, images, None, CPU, math.inf, 4)
-    assert training.PLAN_STEPS == 500 and (cfg.steps, measured) == (steps, rate)
+    assert (cfg.steps, measured) == (steps, rate)
     assert cfg.planned_rate == round(rate * 8, 1)  # images/s, recorded
     cfg, _ = training.plan_length(TrainConfig(plan_minutes=minutes, batch_size=8), scratch, images,
                                   None, CPU, training.time.time() + 60, 4)
     assert cfg.steps <= max(1, min(steps, 0.97 * rate * 60))  # --max-minutes's deadline cuts the plan
+    assert cfg.steps < steps  # and it did: a minute is shorter than every plan here
 
 
 def test_a_planned_run_records_its_plan_and_a_resume_keeps_it(cli, monkeypatch, capsys):
@@ -224,11 +225,29 @@ def test_a_planned_run_records_its_plan_and_a_resume_keeps_it(cli, monkeypatch, 
     assert ckpt["config"]["train"]["planned_rate"] == 80 and "--plan-minutes" not in capsys.readouterr().out
 
 
+def test_a_rate_too_fast_to_time_plans_nothing_and_records_no_plan(tiny_config, monkeypatch):
+    scratch, _ = denoising(tiny_config, DiffusionConfig(20), TrainConfig(batch_size=8), CPU)
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    monkeypatch.setattr(training, "measure_rate", lambda *a, **k: math.inf)
+    cfg, _ = training.plan_length(TrainConfig(plan_minutes=3, epochs=2, batch_size=8), scratch, images,
+                                  None, CPU, math.inf, 4)
+    assert (cfg.steps, cfg.plan_minutes, cfg.planned_rate) == (8, 0, 0)  # its epochs, and no plan claimed
+
+
+def test_a_warm_up_longer_than_the_epochs_is_judged_by_the_plan(cli, monkeypatch, capsys):
+    monkeypatch.setattr(training, "measure_rate", lambda *a, **k: 50.0)  # 3 min plan 9,000 steps
+    train.main(cli.command("train.py", "--plan-minutes", "3", "--warmup-steps", "2000", "--max-steps", "1",
+                           "--sample-n", "0", "--lr-schedule", "cosine")[2:])
+    assert "so 9000 steps" in capsys.readouterr().out  # not refused over the 2 epochs (32 steps) it replaces
+    assert load_checkpoint(cli.ckpt)["config"]["train"]["steps"] == 9000
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--plan-minutes", "5", "--steps", "100"], "--plan-minutes sets the run's length"),
     (["--plan-minutes", "5", "--epochs", "1"], "--plan-minutes sets the run's length"),
-    (["--plan-minutes", "-1"], "--plan-minutes cannot be negative"),
-    (["--plan-minutes", "inf"], "--plan-minutes must be a finite number"),
+    (["--plan-minutes", "-1"], "--plan-minutes must be from 0 to 100000"),
+    (["--plan-minutes", "inf"], "--plan-minutes must be from 0 to 100000"),
+    (["--plan-minutes", "nan"], "--plan-minutes must be from 0 to 100000"),
     (["--plan-minutes", "5", "--resume", "{ckpt}", "--batch-size", "8"], "a resumed run keeps its length"),
 ])
 def test_a_plan_that_cannot_apply_is_refused(cli, fails, flags, message, good_checkpoint):
