@@ -133,10 +133,15 @@ def _from_v2(ckpt):
     return ckpt
 
 
+def _with_train_fields(ckpt, frozen):
+    """ckpt with the training-config fields its version lacked, as every run of it had them."""
+    config = ckpt["config"]
+    return {**ckpt, "config": {**config, "train": {**frozen, **config["train"]}}}
+
+
 def _from_v3(ckpt):
     """4 added the learning-rate decay, the EMA's power, steps and the memory format."""
-    config = ckpt["config"]
-    return {**ckpt, "config": {**config, "train": {**V3_TRAIN, **config["train"]}}}
+    return _with_train_fields(ckpt, V3_TRAIN)
 
 
 def _from_v4(ckpt):
@@ -167,8 +172,7 @@ def _from_v6(ckpt):
 
 def _from_v7(ckpt):
     """8 plans a run's length in fixed step counts and records the rate it measured."""
-    config = ckpt["config"]
-    return {**ckpt, "config": {**config, "train": {**V7_TRAIN, **config["train"]}}}
+    return _with_train_fields(ckpt, V7_TRAIN)
 
 
 UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4, 5: _from_v5, 6: _from_v6,
