@@ -17,7 +17,7 @@ from samplers import SamplerConfig
 from unet import UNet, UNetConfig
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 8  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 9  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
@@ -52,6 +52,7 @@ def make_checkpoint(part, diffusion, train_config, state, world_size, importance
             "config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict(),
                        "train": train_config},
             "world_size": world_size,  # data order and steps depend on the process count
+            "guide": ema.kept,  # autoguidance's guide: the EMA early in the run, or None
             "distillation": distillation}
 
 
@@ -104,6 +105,7 @@ V2_DIFFUSION = {"variance": "fixed_small", "loss": "simple"}  # Ho et al.'s, bef
 V3_TRAIN = {"steps": 0, "lr_schedule": "constant", "ema_power": 8.0, "memory_format": "contiguous"}
 V5_STUDENT_SAMPLER = {"sampler": "ddim", "eta": 0.0, "spacing": "even"}  # every version-5 student's
 V7_TRAIN = {"plan_minutes": 0.0, "planned_rate": 0.0}  # no run's length was planned in fixed steps
+V8_TRAIN = {"guide_fraction": 0.0}  # no run kept an early EMA
 
 
 def _from_v1(ckpt):
@@ -175,8 +177,13 @@ def _from_v7(ckpt):
     return _with_train_fields(ckpt, V7_TRAIN)
 
 
+def _from_v8(ckpt):
+    """9 keeps an early EMA of the run, autoguidance's guide; no earlier run kept one."""
+    return {**_with_train_fields(ckpt, V8_TRAIN), "guide": None}
+
+
 UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4, 5: _from_v5, 6: _from_v6,
-            7: _from_v7}
+            7: _from_v7, 8: _from_v8}
 
 
 def _version(ckpt, path):
@@ -235,6 +242,8 @@ def _upgrade(ckpt, path):
         raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks its "
                       f"distillation record")
     _check_student(ckpt["distillation"], path)
+    if not isinstance(ckpt.get("guide"), (dict, type(None))):
+        raise Damaged(f"checkpoint {path} is damaged: its guide weights are not a table")
     return ckpt
 
 
@@ -242,8 +251,8 @@ def _checked(ckpt, path):
     """_upgrade(ckpt), refusing weights (raw or averaged) that hold NaN or Inf: nothing sampled or
     resumed from them could be right."""
     ckpt = _upgrade(ckpt, path)
-    for key in ("model", "ema"):
-        bad = next((k for k, v in ckpt[key].items() if torch.is_tensor(v) and v.is_floating_point()
+    for key in ("model", "ema", "guide"):
+        bad = next((k for k, v in (ckpt.get(key) or {}).items() if torch.is_tensor(v) and v.is_floating_point()
                     and not v.isfinite().all()), None)
         if bad:
             raise UserError(f"{path}: its {key} weights hold NaN or Inf (first in {bad}), so "
@@ -286,6 +295,7 @@ def restore(ckpt, part, state, importance=None):
         part.model.load_state_dict(ckpt["model"])
         part.ema.module.load_state_dict(ckpt["ema"])
         part.ema.n_averaged.fill_(ckpt["ema_updates"])
+        part.ema.kept = ckpt.get("guide")
         part.optimizer.load_state_dict(ckpt["optimizer"])
         for p, kept in part.optimizer.state.items():  # Adam's moments in their parameter's memory
             for k, v in kept.items():                  # format, which fused Adam requires and a
@@ -316,6 +326,14 @@ def build_model(ckpt, device="cpu", ema=True):
         raise UserError(f"checkpoint config does not match its weights, or is no longer accepted: "
                         f"{first_line(e, 200)}") from None
     return model.to(device).eval(), diffusion.to(device)
+
+
+def build_guide(ckpt, device="cpu"):
+    """The early EMA a checkpoint keeps as autoguidance's guide (samplers.Autoguided), as a model;
+    None if it keeps none."""
+    if ckpt.get("guide") is None:
+        return None
+    return build_model({"config": ckpt["config"], "ema": ckpt["guide"]}, device)[0]
 
 
 def teacher_checkpoint(model, diffusion):

@@ -14,12 +14,13 @@ from unet import UNetConfig
 # within 30 minutes on the slowest 2-core machine measured (docs/results.md, "The default recipe"):
 # a class-conditional model trained for as many steps as 25 minutes allow at the rate measured as
 # it starts (plan_minutes), with a decay to 0, the cosine noise schedule and an EMA over about the
-# last fifth of the run (power 4). The gpu one is a larger model trained for longer.
+# last fifth of the run (power 4), whose value 30% of the way through is kept as autoguidance's
+# guide. The gpu one is a larger model trained for longer.
 PRESETS = {
     "cpu": dict(width=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
                 dropout=0.0, num_classes=10, plan_minutes=25.0, batch_size=64, lr=1e-3,
-                lr_schedule="cosine", schedule="cosine", ema_power=4.0, precision="auto",
-                memory_format="auto"),
+                lr_schedule="cosine", schedule="cosine", ema_power=4.0, guide_fraction=0.3,
+                precision="auto", memory_format="auto"),
     "gpu": dict(width=64, channel_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,),
                 dropout=0.1, epochs=40, batch_size=128, lr=2e-4, precision="auto",
                 memory_format="auto"),
@@ -54,6 +55,9 @@ class TrainConfig:
     ema_decay: float = 0.999  # the EMA's decay, once its warm-up has reached it
     # EMA warm-up: decay (1 + n) / (ema_power + 2 + n) after n updates (training.EMA)
     ema_power: float = 8.0
+    # keep the EMA this far into the planned run, in the checkpoint, as autoguidance's guide
+    # (samplers.Autoguided); 0: keep none
+    guide_fraction: float = 0.0
     # conditional models: share of labels replaced by "no class" (Ho & Salimans 2022)
     cond_drop: float = 0.1
     seed: int = 0
@@ -174,4 +178,6 @@ def validate(args, model_cfg, cfg):
           "--cond-drop applies to class-conditional models only: "
           "add --conditional or drop --cond-drop")
     check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    check(0 <= cfg.guide_fraction < 1,
+          f"--guide-fraction must be in [0, 1) (0: no guide), got {cfg.guide_fraction}")
     check(args.sample_n >= 0, f"--sample-n must be 0 (no samples) or more, got {args.sample_n}")

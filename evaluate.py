@@ -13,14 +13,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import build_model, load_checkpoint
+from checkpoint import build_guide, build_model, load_checkpoint
 from cli import ArgumentParser, UserError, check, check_writable, run_command
 from data import load_fashion_mnist, to_model_range
 from device import pick_device
 from figures import plot_guidance, plot_sweep
 from files import atomic_write
 from metrics import embed, load_classifier, score
-from samplers import GUIDANCE, SAMPLERS, SamplerConfig, generate
+from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided, generate
 
 # ETA left out: the sampler's default, what sample.py draws with (dpm++: 1, the SDE form; ddim: 0).
 GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20:0", "dpm++:10:0",
@@ -82,6 +82,9 @@ def build_parser():
     a("--guidance", type=float, help=f"conditional models: guidance scale w ({GUIDANCE:g})")
     a("--guidance-sweep", type=float, nargs="+", metavar="W",
       help="conditional models: score each guidance scale, plot FID and accuracy against it")
+    a("--autoguidance", type=float, metavar="W",
+      help=f"guide the model with the early EMA its checkpoint keeps, at scale W; 0: off "
+           f"({AUTOGUIDANCE:g} where the checkpoint keeps one, else 0)")
     a("--unconditional", action="store_true",
       help="conditional models: sample with the 'no class' token, as an unconditional model would")
     a("--bpd", action="store_true",
@@ -213,7 +216,8 @@ def run(args):
     runs = [(path, *entry) for path, ckpt in ckpts.items()
             for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional,
                               len(ckpts) == 1, ckpt["distillation"])]
-    models = {(path, w): build_model(ckpts[path], device, ema=w == "ema") for path, w, *_ in runs}
+    models = {(path, w): with_guide(ckpts[path], device, w, args.autoguidance)
+              for path, w, *_ in runs}
     out = check_writable(args.output_dir, "--output-dir")
     classifier_dir = check_writable(args.classifier_dir, "--classifier-dir")
     (train_x, train_y), test = (load_fashion_mnist(args.data_dir),
@@ -233,6 +237,14 @@ def run(args):
     write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out)
 
 
+def with_guide(ckpt, device, weights, w):
+    """(model, diffusion, autoguidance scale): the weights asked for, guided as --autoguidance
+    says by the early EMA the checkpoint keeps."""
+    model, diffusion = build_model(ckpt, device, ema=weights == "ema")
+    model, w = autoguided(model, build_guide(ckpt, device), w)
+    return model, diffusion, w
+
+
 def score_real(args, classifier, train_x, train_y, test, conditional):
     """(the test set's features, the row of --n real train images scored against them, the seconds
     that scoring took): the floor a perfect generator would reach."""
@@ -250,7 +262,7 @@ def score_real(args, classifier, train_x, train_y, test, conditional):
 def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifier, reference,
                   test_y, conditional):
     """One row: --n images drawn from one checkpoint's weights with one sampler, scored."""
-    model, diffusion = built
+    model, diffusion, autoguidance = built
     labels = torch.arange(args.n) % 10 if conditional else None  # every class equally often
     steps_seen = set()
     started = time.perf_counter()
@@ -262,10 +274,12 @@ def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifi
     guidance = student["guidance"] if student else guidance  # a student's is the one it learned
     eta = f" eta={sampler.eta:g}" if sampler.eta is not None else ""
     name = (f"{sampler.sampler}-{sampler.steps}{eta}{' student' * bool(student)} {weights}"
-            + (f" w={guidance:g}" if conditional else ""))
+            + (f" w={guidance:g}" if conditional else "")
+            + (f" ag={autoguidance:g}" if autoguidance else ""))
     name = f"{path} {name}" if len(ckpts) > 1 else name
     return {"name": name, "checkpoint": path, **sampler.to_dict(), "student": bool(student),
-            "weights": weights, "guidance": guidance, "nfe": len(steps_seen),
+            "weights": weights, "guidance": guidance, "autoguidance": autoguidance,
+            "nfe": len(steps_seen),
             "images_per_s": args.n / seconds,
             **score(*embed(classifier, images), reference, labels, test_y)}
 

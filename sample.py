@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import build_model, load_checkpoint
+from checkpoint import build_guide, build_model, load_checkpoint
 from cli import ArgumentParser, check, check_writable, run_command
 from data import parse_class
 from device import pick_device
 from figures import draw_pictures, save_labelled
 from files import atomic_write
-from samplers import GUIDANCE, SAMPLERS, SamplerConfig
+from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided
 
 
 def to_uint8(images):
@@ -46,6 +46,9 @@ def build_parser():
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
     a("--guidance", type=float,
       help=f"conditional models: classifier-free guidance scale w ({GUIDANCE:g})")
+    a("--autoguidance", type=float, metavar="W",
+      help=f"guide the model with the early EMA its checkpoint keeps, at scale W; 0: off "
+           f"({AUTOGUIDANCE:g} where the checkpoint keeps one, else 0)")
     a("--unconditional", action="store_true",
       help="conditional models: draw with the 'no class' token, as an unconditional model would, "
            "instead of a row per class")
@@ -65,6 +68,7 @@ def run(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
+    model, autoguidance = autoguided(model, build_guide(ckpt, device), args.autoguidance)
     label = parse_class(args.class_) if args.class_ is not None else None
     conditional = model.config.num_classes > 0
     check(conditional or label is None,
@@ -89,7 +93,8 @@ def run(args):
     out = check_writable(args.output_dir, "--output-dir")
     if args.save_npz:
         check_writable(Path(args.save_npz).parent, "--save-npz")
-    print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights), "
+    guide = f", autoguidance {autoguidance:g}" if autoguidance else ""
+    print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights{guide}), "
           f"{sampler.describe()}, {args.n} images on {device}")
     draw(args, model, diffusion, sampler, label, student, out)
 

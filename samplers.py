@@ -1,6 +1,6 @@
 """The reverse process: the samplers, the timestep grids they visit, their settings (SamplerConfig,
-the one home of every sampler default), classifier-free guidance, and generate(), which draws n
-images.
+the one home of every sampler default), classifier-free guidance and autoguidance, and generate(),
+which draws n images.
 
 Every sampler: (model, diffusion, noise x_T [B, C, H, W], steps, generator, callback, **options) ->
 x_0 in [-1, 1], its options being SamplerConfig.options(): the grid, and eta where it takes one.
@@ -272,6 +272,41 @@ def guided(model, labels, w):
         c = x.shape[1]
         return torch.cat([cond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
     return fn
+
+
+# default autoguidance scale: guiding the model with the early EMA its checkpoint keeps (the
+# checkpoint's "guide"); the best FID measured on the default run (docs/results.md, "Autoguidance")
+AUTOGUIDANCE = 0.5
+
+
+class Autoguided(torch.nn.Module):
+    """Autoguidance, eq. 1 of Karras et al. 2024: (1 + w) D(x, t, c) - w D_guide(x, t, c), D_guide
+    a weaker version of the same model (here an early EMA of its run): it sharpens what the guide
+    gets wrong without the loss of variety of classifier-free guidance, conditional or not.
+    Called as the model it wraps: (x [B, C, H, W], t [B], labels [B] or None) -> [B, C', H, W]."""
+
+    def __init__(self, model, guide, w):
+        super().__init__()
+        self.model, self.guide, self.w, self.config = model, guide, w, model.config
+
+    def forward(self, x, t, labels=None):
+        out, weak = self.model(x, t, labels), self.guide(x, t, labels)
+        # eps is affine in x0 with the same coefficients, so guiding either is one rule; a learned
+        # variance, after channel c, is the model's own
+        c = x.shape[1]
+        return torch.cat([out[:, :c] + self.w * (out[:, :c] - weak[:, :c]), out[:, c:]], dim=1)
+
+
+def autoguided(model, guide, w=None):
+    """(the model to sample with, its autoguidance scale): model guided by `guide` (a checkpoint's
+    early EMA, checkpoint.build_guide, or None) with scale w, AUTOGUIDANCE if None and there is a
+    guide; the model itself at w = 0."""
+    check(w is None or 0 <= w < float("inf"), f"--autoguidance must be 0 (off) or more, got {w}")
+    check(guide is not None or not w,
+          "--autoguidance needs the early EMA a checkpoint keeps as its guide, and this one keeps "
+          "none (trained with --guide-fraction 0, distilled, or older): drop --autoguidance")
+    w = (AUTOGUIDANCE if guide is not None else 0.0) if w is None else w
+    return (Autoguided(model, guide, w) if w else model), w
 
 
 def generate(model, diffusion, n, seed=0, sampler=SamplerConfig(), batch_size=None, callback=None,

@@ -60,6 +60,8 @@ def build_parser():
     a("--ema-decay", type=float, help="decay of the weights' sampled moving average (0.999)")
     a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: "
                                       "shorter average (cpu preset: 4; gpu: 8)")
+    a("--guide-fraction", type=float, help="keep the EMA this far into the run as autoguidance's "
+                                           "guide (cpu preset: 0.3; gpu: 0, none)")
     a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
@@ -80,11 +82,9 @@ def build_parser():
                                         "this many minutes; a resumed run: stop after them "
                                         "(0: no limit); this command only")
     a("--precision", choices=PRECISIONS, help="fp32 (TF32 on CUDA), bf16 autocast, or auto: bf16 "
-                                              "on a CPU with bf16 instructions, else fp32 "
-                                              "(preset: auto)")
-    a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: "
-                                                      "channels_last on a CPU in fp32, else "
-                                                      "contiguous (preset: auto)")
+                                              "on a CPU with bf16 instructions, else fp32 (preset: auto)")
+    a("--memory-format", choices=MEMORY_FORMATS, help="of the model's tensors; auto: channels_last "
+                                                      "on a CPU in fp32, else contiguous (preset: auto)")
     a("--compile", action=argparse.BooleanOptionalAction,
       help="torch.compile for training (off); this command only")
     a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")

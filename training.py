@@ -35,11 +35,12 @@ class EMA(AveragedModel):
     average forgets the random initialisation at once, and until it reaches `decay` it is about the
     power-function EMA of Karras et al. 2024 (Eq. 3 there: step s weighted by s^power, an average
     over the last ~1/(power+1) of the run). One foreach lerp, the count on the host: no device sync.
+    After update `keep_at` (0: never) a copy of the average is kept, as `kept`: autoguidance's guide.
     """
 
-    def __init__(self, model, decay, power):
+    def __init__(self, model, decay, power, keep_at=0):
         super().__init__(model)  # n_averaged, the count, is a CPU buffer
-        self.decay, self.power = decay, power
+        self.decay, self.power, self.keep_at, self.kept = decay, power, keep_at, None
 
     @torch.no_grad()
     def update_parameters(self, model):
@@ -49,6 +50,8 @@ class EMA(AveragedModel):
         for mine, theirs in zip(self.module.buffers(), model.buffers()):
             mine.copy_(theirs)
         self.n_averaged += 1
+        if int(self.n_averaged) == self.keep_at:
+            self.kept = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
 
 @dataclass
@@ -220,6 +223,15 @@ def _runnable(model, cfg, device, ranks):
     return net
 
 
+def _prepare(method, cfg, planned):
+    """Every part in training mode; the first one's EMA set to keep its value cfg.guide_fraction of
+    the way through the `planned` steps, as autoguidance's guide."""
+    for part in method.parts:
+        part.model.train()
+    if method.parts[0].ema is not None and cfg.guide_fraction:
+        method.parts[0].ema.keep_at = max(1, round(cfg.guide_fraction * planned))
+
+
 def train(method, images, cfg, device, state, save, labels=None, deadline=math.inf):
     """Train the method's parts on images (uint8 [N, 28, 28] on device; labels [N] too, used for a
     class-conditional model) to the run's planned step, taking save() every cfg.checkpoint_every
@@ -251,8 +263,7 @@ def train(method, images, cfg, device, state, save, labels=None, deadline=math.i
 
     step = first = state["step"]
     stopped = None
-    for part in method.parts:
-        part.model.train()
+    _prepare(method, cfg, planned)
     with graceful_signals() as signals:
         progress.say(f"training from step {step} to {total}; Ctrl-C stops cleanly with a checkpoint")
         while step < total and not stopped:

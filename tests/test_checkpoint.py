@@ -44,6 +44,8 @@ LAYOUTS[5] = {**LAYOUTS[4], "keys": sorted(LAYOUTS[4]["keys"] + ["distillation"]
 LAYOUTS[6] = LAYOUTS[5]  # a student's distillation record gained its sampler (test_checkpoint.py checks the upgrade)
 LAYOUTS[7] = LAYOUTS[6]  # a student's sampler became a SamplerConfig, its step count inside
 LAYOUTS[8] = {**LAYOUTS[7], "TrainConfig": sorted(LAYOUTS[7]["TrainConfig"] + ["plan_minutes", "planned_rate"])}
+LAYOUTS[9] = {**LAYOUTS[8], "keys": sorted(LAYOUTS[8]["keys"] + ["guide"]),
+              "TrainConfig": sorted(LAYOUTS[8]["TrainConfig"] + ["guide_fraction"])}
 
 
 def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):
@@ -181,7 +183,7 @@ def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, good_checkp
 
 # ---------------------------------------------------------------------------- files older code wrote
 
-PLAIN = ["v1.pt", "v2.pt", "v3.pt", "v4.pt", "v4-conditional.pt", "v5.pt", "v6.pt", "v7.pt"]
+PLAIN = ["v1.pt", "v2.pt", "v3.pt", "v4.pt", "v4-conditional.pt", "v5.pt", "v6.pt", "v7.pt", "v8.pt"]
 STUDENTS = ["v5-student.pt", "v6-student.pt"]
 
 
@@ -194,6 +196,7 @@ def test_every_older_file_loads_in_todays_layout_and_samples(name, tmp_path):
     assert model.config.width == 8 and diffusion.timesteps == 20
     train = ckpt["config"]["train"]
     assert (train["plan_minutes"], train["planned_rate"]) == (0, 0)  # no older run planned its length
+    assert train["guide_fraction"] == 0 and ckpt["guide"] is None  # nor kept a guide
     if ckpt["distillation"]:  # a student samples with the sampler it was distilled for, and no other
         assert SamplerConfig(**ckpt["distillation"]["sampler"]) == student_sampler(2)
         checkpoint.build_teacher(ckpt)
