@@ -276,7 +276,7 @@ def guided(model, labels, w):
 
 # default autoguidance scale: guiding the model with the early EMA its checkpoint keeps (the
 # checkpoint's "guide"); the best FID measured on the default run (docs/results.md, "Autoguidance")
-AUTOGUIDANCE = 0.5
+AUTOGUIDANCE = 1.0
 
 
 class Autoguided(torch.nn.Module):

@@ -22,7 +22,7 @@ from distributed import start_distributed, together, world
 from figures import draw_pictures, save_forward_figure, save_loss_history
 from files import locked
 from methods import denoising
-from samplers import SamplerConfig
+from samplers import SamplerConfig, autoguided
 from training import PLAN_STEPS, plan_length, planned_steps, train
 from unet import count_parameters
 
@@ -227,11 +227,12 @@ def finish(args, cfg, method, state, stopped, out, ckpt_dir, started):
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
         return
     sampler = SamplerConfig().resolve(diffusion.timesteps)
-    images = draw_pictures(ema.module.eval(), diffusion, args.sample_n, out, cfg.seed,
-                           sampler=sampler)
+    model, w = autoguided(ema.module.eval(), ema.guide())  # as sample.py draws from the checkpoint
+    images = draw_pictures(model, diffusion, args.sample_n, out, cfg.seed, sampler=sampler)
     conditional = ema.module.config.num_classes
-    print(f"wrote {out / 'samples.png'} ({len(images)} images from the EMA weights, "
-          f"{sampler.describe()}" + (", and samples_by_class.png)" if conditional else ")"))
+    print(f"wrote {out / 'samples.png'} ({len(images)} images from the EMA weights"
+          + (f" autoguided at {w:g}" if w else "") + f", {sampler.describe()}"
+          + (", and samples_by_class.png)" if conditional else ")"))
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ precision, the learning-rate schedule, clipping, Adam, the EMA, logging, checkpo
 torchrun and exact resume, each written once here. Also the step rate the --max-minutes planner and
 bench.py measure. What a method trains on, and with which networks, is the method's."""
 import contextlib
+import copy
 import io
 import math
 import signal
@@ -52,6 +53,14 @@ class EMA(AveragedModel):
         self.n_averaged += 1
         if int(self.n_averaged) == self.keep_at:
             self.kept = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def guide(self):
+        """The average as kept, as a model in eval mode (autoguidance's guide); None before."""
+        if self.kept is None:
+            return None
+        guide = copy.deepcopy(self.module)
+        guide.load_state_dict(self.kept)
+        return guide.eval()
 
 
 @dataclass

@@ -23,11 +23,12 @@ from unet import UNetConfig
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(width=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(14,), dropout=0.0)
 # The tiny model, with the recipe the configs default to (unconditional, linear betas, constant learning rate,
-# fp32, no planned length): the cpu preset's 200-step warm-up would fill a tiny run, its bf16 is chosen per machine,
+# fp32, no planned length, no autoguidance guide): the cpu preset's 200-step warm-up would fill a tiny run, its bf16 is chosen per machine,
 # and its plan would size a run by the machine's speed. test_recipe.py tests the preset.
 TINY_FLAGS = ["--width", "8", "--channel-mults", "1", "2", "--attn-resolutions", "14", "--timesteps", "20",
               "--batch-size", "16", "--schedule", "linear", "--lr-schedule", "constant", "--precision", "fp32",
-              "--memory-format", "contiguous", "--no-conditional", "--plan-minutes", "0"]
+              "--memory-format", "contiguous", "--no-conditional", "--plan-minutes", "0",
+              "--guide-fraction", "0"]
 
 
 def write_idx(path, array):

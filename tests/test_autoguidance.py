@@ -101,9 +101,9 @@ def test_the_guide_is_the_ema_of_the_run_stopped_there_and_survives_a_resume(tmp
     assert build_guide(whole).config == tiny_config
 
 
-def test_sample_guides_by_default_where_the_checkpoint_keeps_a_guide(cli):
-    r = cli.run("train.py", "--steps", "4", "--guide-fraction", "0.5", "--sample-n", "0")
-    assert r.returncode == 0, r.stderr
+def test_train_and_sample_guide_by_default_where_the_run_keeps_a_guide(cli):
+    r = cli.run("train.py", "--steps", "4", "--guide-fraction", "0.5", "--sample-n", "2")
+    assert r.returncode == 0 and f"autoguided at {samplers.AUTOGUIDANCE:g}" in r.stdout, r.stderr
     r = cli.run("sample.py", "--n", "2", "--steps", "3")
     assert r.returncode == 0 and f"autoguidance {samplers.AUTOGUIDANCE:g}" in r.stdout, r.stderr
     r = cli.run("sample.py", "--n", "2", "--steps", "3", "--autoguidance", "0")
@@ -129,3 +129,20 @@ def test_a_guide_fraction_outside_0_1_is_refused(cli, fraction):
     r = cli.run("train.py", "--steps", "4", "--guide-fraction", fraction)
     assert r.returncode == 2 and "--guide-fraction must be in [0, 1)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (cli.ckpt / "ckpt.pt").exists()
+
+
+
+def test_a_run_that_keeps_no_guide_samples_unguided(cli):
+    r = cli.run("train.py", "--steps", "4", "--sample-n", "2")
+    assert r.returncode == 0 and "autoguided" not in r.stdout, r.stderr
+    r = cli.run("sample.py", "--n", "2", "--steps", "3")
+    assert r.returncode == 0 and "autoguidance" not in r.stdout, r.stderr
+
+
+def test_evaluate_scores_the_guided_model_at_the_default_scale(tmp_path, tiny_config, tiny_run):
+    import evaluate
+    tiny_run(tmp_path, tiny_config, TrainConfig(steps=4, batch_size=8, guide_fraction=0.5))
+    ckpt = load_checkpoint(tmp_path)
+    model, diffusion, w = evaluate.with_guide(ckpt, "cpu", "ema", None)
+    assert isinstance(model, samplers.Autoguided) and w == samplers.AUTOGUIDANCE
+    assert diffusion.timesteps == 20 and evaluate.with_guide(ckpt, "cpu", "raw", 0.0)[2] == 0.0

@@ -105,6 +105,8 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
     (["--guidance", "1"], "need a class-conditional checkpoint"),
     (["--unconditional"], "need a class-conditional checkpoint"),
     (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--autoguidance", "0.5"], "keeps none"),
+    (["--autoguidance", "nan"], "--autoguidance must be 0 (off) or more"),
 ])
 def test_evaluate_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     err = fails(evaluate, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path / "o", "--sweep", *args])

@@ -177,13 +177,14 @@ def test_the_cpu_preset_is_the_measured_recipe_and_a_length_given_replaces_its_p
         25.0, 0, "cosine", 64, 1e-3, 4.0)
     assert (diffusion.schedule, diffusion.prediction, diffusion.timesteps) == ("cosine", "eps", 1000)
     assert model.num_classes == 10  # conditional: FID 0.97 against 2.51 (docs/results.md)
+    assert cfg.guide_fraction == 0.3  # autoguidance's guide (docs/results.md, "Autoguidance")
     _, _, cfg, _ = resolve_configs(parse("--preset", "cpu", "--epochs", "3"), CPU)
     assert (cfg.steps, cfg.plan_minutes) == (0, 0) and cfg.total_steps(937) == 3 * 937
     _, _, cfg, _ = resolve_configs(parse("--preset", "cpu", "--steps", "700"), CPU)
     assert (cfg.steps, cfg.plan_minutes) == (700, 0)  # the flag given decides the length, not the plan
     model, _, cfg, _ = resolve_configs(parse("--preset", "gpu"), CPU)
     assert cfg.steps == 0 and cfg.total_steps(468) == 40 * 468 and cfg.ema_power == 8.0
-    assert (cfg.plan_minutes, model.num_classes) == (0, 0)
+    assert (cfg.plan_minutes, model.num_classes, cfg.guide_fraction) == (0, 0, 0)
     model, _, _, _ = resolve_configs(parse("--no-conditional"), CPU)
     assert model.num_classes == 0
 
