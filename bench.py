@@ -12,13 +12,12 @@ import contextlib
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from cli import ArgumentParser, check, check_writable, run_command
+from cli import ArgumentParser, check, check_output, is_json, run_command
 from config import preset_configs
 from device import default_batch_size, pick_device, tf32
 from diffusion import Diffusion, DiffusionConfig
@@ -128,7 +127,7 @@ def run(args):
     check(args.steps > 0 and args.warmup > 0, "--steps and --warmup must be positive")
     check(args.sample_n is None or args.sample_n > 0,
           f"--sample-n must be positive, got {args.sample_n}")
-    check_writable(Path(args.json).parent, "--json")
+    check_output(args.json, "--json", is_json)
 
     device = pick_device(args.device)
     args.sample_n = args.sample_n or default_batch_size(device)

@@ -1,8 +1,7 @@
 """The checkpoint file, written and read here only: its format and every version of it (old ones
 upgraded through constants frozen here, never through today's defaults), safe loading with the
-fallback to the previous file, rebuilding the model, and the folder a run writes. How bytes
-reach the disk safely, and the folder's lock, are files.py's."""
-import os
+fallback to the previous file, and rebuilding the model. How bytes reach the disk safely is
+files.py's; the folder a run writes, its lock and who may write there, folders.py's."""
 import pickle
 import re
 import sys
@@ -14,7 +13,7 @@ from cli import UserError, first_line
 from diffusion import Diffusion, DiffusionConfig
 from files import atomic_save
 from samplers import SamplerConfig
-from unet import UNet, UNetConfig
+from unet import UNet, UNetConfig, planned_parameters
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
 VERSION = 9  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
@@ -213,9 +212,12 @@ def _complete(ckpt, path, version):
     if not all(isinstance(t, dict) for t in tables):
         raise Damaged(f"checkpoint {path} (version {version}) is damaged: its weights or config "
                       f"are not tables")
+    if not all(type(ckpt[k]) is int and ckpt[k] >= 0 for k in ("step", "epoch")):
+        raise Damaged(f"checkpoint {path} (version {version}) is damaged: its step and epoch "
+                      f"({ckpt['step']!r}, {ckpt['epoch']!r}) are not counts")
 
 
-def _check_student(record, path):
+def _check_student(record, path, timesteps):
     """A distilled student's record must hold every DISTILLED field and a sampler this code knows."""
     if record is None:
         return
@@ -226,6 +228,8 @@ def _check_student(record, path):
         sampler = SamplerConfig(**record["sampler"])
         if sampler.steps is None or sampler.grid is None:
             raise ValueError("a student's sampler names its step count and its grid")
+        if sampler.steps > timesteps:
+            raise ValueError(f"{sampler.steps} steps of a diffusion of {timesteps}")
     except (TypeError, ValueError) as e:
         raise Damaged(f"checkpoint {path} is damaged: its student's sampler "
                       f"{record['sampler']!r} is not one this code knows "
@@ -241,7 +245,7 @@ def _upgrade(ckpt, path):
     if "distillation" not in ckpt:
         raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks its "
                       f"distillation record")
-    _check_student(ckpt["distillation"], path)
+    _check_student(ckpt["distillation"], path, ckpt["config"]["diffusion"].get("timesteps", 1000))
     if not isinstance(ckpt.get("guide"), (dict, type(None))):
         raise Damaged(f"checkpoint {path} is damaged: its guide weights are not a table")
     return ckpt
@@ -252,7 +256,8 @@ def _checked(ckpt, path):
     resumed from them could be right."""
     ckpt = _upgrade(ckpt, path)
     for key in ("model", "ema", "guide"):
-        bad = next((k for k, v in (ckpt.get(key) or {}).items() if torch.is_tensor(v) and v.is_floating_point()
+        bad = next((k for k, v in (ckpt.get(key) or {}).items()
+                    if torch.is_tensor(v) and v.is_floating_point()
                     and not v.isfinite().all()), None)
         if bad:
             raise UserError(f"{path}: its {key} weights hold NaN or Inf (first in {bad}), so "
@@ -316,8 +321,14 @@ def build_model(ckpt, device="cpu", ema=True):
     """Rebuild the U-Net (EMA weights unless ema=False) and diffusion from the checkpoint alone."""
     config = ckpt["config"]
     try:
-        model = UNet(UNetConfig.from_dict(config["model"]))
-        model.load_state_dict(ckpt["ema" if ema else "model"])
+        model_config = UNetConfig.from_dict(config["model"])
+        weights = ckpt["ema" if ema else "model"]
+        wanted, held = (planned_parameters(model_config),
+                        sum(v.numel() for v in weights.values() if torch.is_tensor(v)))
+        if wanted > held:  # refused before the config's claim is allocated
+            raise ValueError(f"the config asks for {wanted:,} parameters, the file holds {held:,}")
+        model = UNet(model_config)
+        model.load_state_dict(weights)
         diffusion = Diffusion(DiffusionConfig(**config["diffusion"]))
         if model.config.learned_variance != (diffusion.config.variance == "learned"):
             raise ValueError(f"variance {diffusion.config.variance}, "
@@ -348,47 +359,3 @@ def build_teacher(ckpt, device="cpu"):
     diffusion)."""
     teacher = ckpt["distillation"]["teacher"]
     return build_model({"config": teacher["config"], "ema": teacher["weights"]}, device)
-
-
-# ------------------------------------------------------------------------ the folder a run writes
-
-def continues(folder, source):
-    """Whether a run resuming from the file `source` continues the run saved in folder: it is one of
-    that folder's own checkpoints (another file there, such as a kept copy, is not)."""
-    return (source is not None and source.name in CHECKPOINT_NAMES
-            and source.parent.resolve() == Path(folder).resolve())
-
-
-def claim_folder(folder, source, overwrite):
-    """Before a run writes checkpoints to folder (holding its lock): refuse to start afresh over an earlier
-    run there unless told to overwrite it. source: the file the run resumes from, or None."""
-    folder = Path(folder)
-    ours = continues(folder, source)
-    if ours and overwrite:
-        raise UserError("--overwrite starts a new run over an old one, --resume continues it: "
-                        "give one of them")
-    earlier = [name for name in CHECKPOINT_NAMES if (folder / name).exists()]
-    if earlier and not (ours or overwrite):
-        raise UserError(f"{folder}/ already holds a run ({', '.join(earlier)}): continue it with "
-                        f"--resume {folder}, replace it with --overwrite, or choose another "
-                        f"--checkpoint-dir")
-
-
-def take_folder(folder, resume, source, overwrite):
-    """Once every check has passed, make folder ready for the run's saves: remove temporary files of
-    a run killed while saving, the earlier run's checkpoints if overwrite (so that nothing could
-    resume it by mistake), and move a damaged ckpt.pt that open_checkpoint() fell back from (resume:
-    what --resume named) aside to ckpt.damaged*.pt, out of the rotation."""
-    folder = Path(folder)
-    for leftover in folder.glob(".ckpt*.tmp"):  # no one else writes here: the caller holds the lock
-        leftover.unlink()
-    if overwrite:
-        for name in CHECKPOINT_NAMES:
-            (folder / name).unlink(missing_ok=True)
-    damaged = resolve_checkpoint(resume) if resume else None
-    if continues(folder, source) and damaged != source:
-        aside, i = folder / "ckpt.damaged.pt", 1
-        while aside.exists():  # an earlier one is kept too
-            aside, i = folder / f"ckpt.damaged.{i}.pt", i + 1
-        os.replace(damaged, aside)
-        print(f"moved the damaged {damaged} to {aside}")

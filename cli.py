@@ -2,8 +2,13 @@
 check that an output folder can be written before any long work starts. Devices are device.py's,
 ranks distributed.py's, the sampler's settings samplers.py's."""
 import argparse
+import contextlib
+import json
+import os
+import signal
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 
@@ -27,8 +32,63 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+SEED_LIMIT = 2**63  # torch's generators take 64 bits; the training loop derives seeds below this
+
+
+def seed(text):
+    """argparse type of every --seed: a whole number from 0 to 2^63 - 1 (`date +%s%N` fits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_LIMIT - 1}, "
+                                         f"got {text!r}")
+    return value
+
+
+class Unbroken:
+    """A text stream (stdout, stderr) that outlives its reader: once the pipe it writes to is closed
+    (`python train.py | head`), what follows goes to the null device, and the command goes on,
+    instead of ending in a BrokenPipeError wherever it next prints."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:  # point the file descriptor itself at the null device, for good
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+            return len(args[0]) if args else None
+
+    def write(self, text):
+        return self._guard(self.stream.write, text)
+
+    def flush(self):
+        return self._guard(self.stream.flush)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, reconfigure ...
+        return getattr(self.stream, name)
+
+
 def run_command(run, args):
-    """Call run(args), turning the errors a user can act on into one line and an exit status."""
+    """Call run(args), turning the errors a user can act on into one line and an exit status; a
+    closed stdout or stderr (Unbroken) does not stop it."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if s is None else Unbroken(s) for s in streams)  # None: pythonw
+    try:
+        return _run_command(run, args)
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # what is buffered, while a closed pipe is caught
+            if stream is not None:
+                stream.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _run_command(run, args):
     try:
         return run(args)
     except (UserError, WriteError) as e:
@@ -41,6 +101,25 @@ def run_command(run, args):
         # Ctrl-C where no handler of ours runs, or a second one while training
         print("\naborted", file=sys.stderr)
         sys.exit(130)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupted_by_sigterm():
+    """While inside, SIGTERM (a scheduler's, `kill`) interrupts as Ctrl-C does, so that a command
+    that keeps its work on Ctrl-C keeps it then too."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (a caller's worker): leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def check(ok, message):
@@ -67,3 +146,38 @@ def first_line(error, limit=150):
     """The first line of an exception's message (its type's name if it has none), at most limit
     characters: what a one-line error quotes of a library's multi-line complaint."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+def is_npz(path):
+    """Whether the file is an .npz archive holding `images` alone, as --save-npz writes."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist() == ["images.npy"]
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def is_json(path):
+    """Whether the file is JSON text, as --json writes (at most 64 MB: no result is larger)."""
+    try:
+        if Path(path).stat().st_size > 2**26:
+            return False
+        json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def check_output(path, flag, ours):
+    """Refuse, before any work, a file a command would write that is a folder, a symbolic link, or
+    an existing file that ours(path) does not recognise as this flag's own kind (a checkpoint, the
+    data, anything else the user keeps); prove its folder writable. Returns the path."""
+    path = Path(path)
+    check(not path.is_symlink(), f"{flag} {path} is a symbolic link, which writing would replace: "
+                                 f"give the path of a plain file")
+    check(not path.is_dir(), f"{flag} {path} is a folder: name a file inside it")
+    check(not path.exists() or ours(path),
+          f"{flag} {path} exists and is not an earlier output of {flag} (a checkpoint, the data, "
+          f"or another file of yours would be lost): choose another name, or remove it first")
+    check_writable(path.parent, flag)
+    return path

@@ -137,6 +137,6 @@ def to_model_range(images_uint8):
 def epoch_batches(n, batch_size, seed, epoch, device):
     """Index batches of one epoch; the order depends only on (seed, epoch), so a resumed run sees
     the same."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64)  # the 64 bits torch takes
     perm = torch.randperm(n, generator=g).to(device)
     return perm[: n // batch_size * batch_size].view(-1, batch_size)

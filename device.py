@@ -1,6 +1,7 @@
 """The machine a command runs on: which device, and how to run fastest there (the precision and
 memory-format policy, bf16 autocast, TF32). Processes and ranks are distributed.py's."""
 import contextlib
+import os
 
 import torch
 
@@ -15,17 +16,30 @@ def pick_device(name):
         except RuntimeError:
             raise UserError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:1 "
                             f"or mps") from None
-        available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                     "mps": torch.backends.mps.is_available()}
-        if not available.get(device.type, True):
-            raise UserError(f"--device {name}: this machine has no {device.type} device; "
-                            f"use --device auto")
+        # other types (meta, xpu, ...) are not devices this code trains or samples on
+        have = (["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+                + ["mps"] * torch.backends.mps.is_available())
+        index = f"{device.type}:{device.index or 0}" if device.type == "cuda" else device.type
+        if index not in have:
+            raise UserError(f"--device {name}: this machine has no such device (it has "
+                            f"{', '.join(have)}); use --device auto")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def memory_bytes(device):
+    """The memory a device has in all: the GPU's own, else the machine's RAM (inf where the
+    operating system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # Windows
+        return float("inf")
 
 
 def default_batch_size(device):

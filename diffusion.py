@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn, special
 
-
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
-# of the reverse process: beta~_t, beta_t, or the network's
-VARIANCES = ("fixed_small", "fixed_large", "learned")
+VARIANCES = ("fixed_small", "fixed_large", "learned")  # the reverse process's: beta~, beta, learned
 LOSSES = ("simple", "hybrid", "vlb")
 HYBRID_LAMBDA = 0.001  # weight of L_vlb in L_hybrid, sec. 3.1 of Nichol & Dhariwal 2021
+# checked before the schedule's tables are made: a ddpm sample there is 100,000 network calls
+MAX_TIMESTEPS = 100_000
 
 
 @dataclass
@@ -31,8 +31,8 @@ class DiffusionConfig:
     loss: str = "simple"
 
     def __post_init__(self):
-        if self.timesteps < 2:
-            raise ValueError(f"timesteps must be at least 2, got {self.timesteps}")
+        if not 2 <= self.timesteps <= MAX_TIMESTEPS:
+            raise ValueError(f"timesteps must be from 2 to {MAX_TIMESTEPS}, got {self.timesteps}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {SCHEDULES}")
         if self.prediction not in PREDICTIONS:

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, make_checkpoint,
-                        open_checkpoint, restore, save_checkpoint, take_folder, teacher_checkpoint)
-from cli import ArgumentParser, check, check_writable, run_command
+                        open_checkpoint, restore, save_checkpoint, teacher_checkpoint)
+from cli import ArgumentParser, check, check_writable, run_command, seed
 from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
 from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
 from device import fastest_settings, pick_device
 from diffusion import Diffusion
 from figures import draw_pictures, save_labelled
-from files import locked
+from folders import locked, take_folder
 from methods import Distillation, student_sampler
 from samplers import GUIDANCE, SamplerConfig, generate
 from training import new_part, new_state, train
@@ -119,7 +119,7 @@ def build_parser():
                                        "round " + d("warmup_steps"))
     a("--guidance", type=float, help=f"conditional teachers: the guidance scale w the students "
                                      f"learn ({GUIDANCE:g})")
-    a("--seed", type=int, help="seed for data order, timesteps and noise, the same in each "
+    a("--seed", type=seed, help="seed for data order, timesteps and noise, the same in each "
                                "round " + d("seed"))
     a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in "
                                               "train.py (auto); the teacher's targets are always "

@@ -10,11 +10,20 @@ from cli import UserError
 from device import pick_device
 
 
+TORCHRUN_SETS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # beside WORLD_SIZE
+
+
 def start_distributed(device_flag):
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join its process group: NCCL with
     one GPU per process (cuda:LOCAL_RANK) when CUDA is there, gloo on the CPU otherwise."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    size = os.environ.get("WORLD_SIZE", "1")
+    if size.strip() == "1":
         return 0, 1, pick_device(device_flag)
+    missing = [k for k in TORCHRUN_SETS if k not in os.environ]
+    if not size.strip().isdecimal() or int(size) < 1 or missing:
+        raise UserError(f"WORLD_SIZE={size} is set, but not as torchrun sets it (no "
+                        f"{', '.join(missing) or 'positive process count'}): start with "
+                        f"torchrun --nproc_per_node N, or unset WORLD_SIZE for one process")
     if device_flag not in ("auto", "cuda", "cpu"):
         raise UserError(f"under torchrun each process takes the GPU of its LOCAL_RANK: "
                         f"give --device auto, cuda or cpu, not {device_flag} "

@@ -8,13 +8,15 @@ A thin command line: the classifier and the metrics are metrics.py's, the drawin
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import build_guide, build_model, load_checkpoint
-from cli import ArgumentParser, UserError, check, check_writable, run_command
+from cli import (ArgumentParser, UserError, check, check_writable, interrupted_by_sigterm,
+                 run_command, seed)
 from data import load_fashion_mnist, to_model_range
 from device import pick_device
 from figures import plot_guidance, plot_sweep
@@ -85,6 +87,9 @@ def build_parser():
     a("--autoguidance", type=float, metavar="W",
       help=f"guide the model with the early EMA its checkpoint keeps, at scale W; 0: off "
            f"({AUTOGUIDANCE:g} where the checkpoint keeps one, else 0)")
+    a("--guide", metavar="PATH",
+      help="--autoguidance: guide with this checkpoint's EMA (an earlier or smaller model of the "
+           "same kind) instead of the guide the checkpoint keeps")
     a("--unconditional", action="store_true",
       help="conditional models: sample with the 'no class' token, as an unconditional model would")
     a("--bpd", action="store_true",
@@ -93,7 +98,7 @@ def build_parser():
     a("--bpd-exact", type=int, default=100, metavar="N",
       help="--bpd: test images whose whole bound is computed, T network evaluations each "
            "(100; 0 skips)")
-    a("--seed", type=int, default=0, help="seed for generation and for the real-image subset (0)")
+    a("--seed", type=seed, default=0, help="seed for generation and for the real-image subset (0)")
     a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
     a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
     a("--classifier-dir", help="where classifier.pt is cached (checkpoints)")
@@ -109,6 +114,10 @@ def plan(args, timesteps, conditional, both=True, student=None):
     check(not (student and (args.guidance is not None or args.guidance_sweep)),
           "a distilled student samples with the guidance it learned: drop --guidance and "
           "--guidance-sweep")
+    check(not (student and args.guide), "a distilled student samples as it was distilled, "
+                                        "unguided: drop --guide")
+    check(not (args.guide and args.autoguidance == 0),
+          "--guide with --autoguidance 0 guides nothing: drop one of them")
     single = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "no_ema")
               if getattr(args, k) not in (None, False)]
     check(not (args.sweep and single), f"--sweep scores every --grid entry with both weights: drop "
@@ -149,7 +158,8 @@ def likelihood(args, ckpt, device):
     --bpd-exact images."""
     sampling = [f"--{k.replace('_', '-')}" for k in ("n", "sampler", "steps", "eta", "sweep",
                                                       "grid", "guidance", "guidance_sweep",
-                                                      "unconditional", "classifier_dir")
+                                                      "unconditional", "classifier_dir",
+                                                      "autoguidance", "guide")
                 if getattr(args, k) not in (None, False)]
     check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop "
                         f"{', '.join(sampling)}")
@@ -216,7 +226,8 @@ def run(args):
     runs = [(path, *entry) for path, ckpt in ckpts.items()
             for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional,
                               len(ckpts) == 1, ckpt["distillation"])]
-    models = {(path, w): with_guide(ckpts[path], device, w, args.autoguidance)
+    guide = load_guide(args.guide) if args.guide else None
+    models = {(path, w): with_guide(ckpts[path], device, w, args.autoguidance, guide)
               for path, w, *_ in runs}
     out = check_writable(args.output_dir, "--output-dir")
     classifier_dir = check_writable(args.classifier_dir, "--classifier-dir")
@@ -230,18 +241,41 @@ def run(args):
     rows = [floor]
     print_table(rows, header=True)
     conditional = conditional and not args.unconditional
-    for path, weights, sampler, guidance in runs:
-        rows.append(score_samples(args, ckpts, path, models[path, weights], weights, sampler,
-                                  guidance, classifier, reference, test[1], conditional))
-        print_table(rows[-1:])
+    try:
+        with interrupted_by_sigterm():
+            for path, weights, sampler, guidance in runs:
+                rows.append(score_samples(args, ckpts, path, models[path, weights], weights,
+                                          sampler, guidance, classifier, reference, test[1],
+                                          conditional))
+                print_table(rows[-1:])
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the rows scored so far are kept
+        if len(rows) > 1:
+            write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out, False)
+        raise
     write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out)
 
 
-def with_guide(ckpt, device, weights, w):
+def load_guide(path):
+    """--guide's checkpoint, its errors naming --guide."""
+    try:
+        return load_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"--guide: {e}") from None
+
+
+def with_guide(ckpt, device, weights, w, other=None):
     """(model, diffusion, autoguidance scale): the weights asked for, guided as --autoguidance
-    says by the early EMA the checkpoint keeps."""
+    says by the early EMA the checkpoint keeps, or by the EMA of the checkpoint `other`."""
     model, diffusion = build_model(ckpt, device, ema=weights == "ema")
-    model, w = autoguided(model, build_guide(ckpt, device), w)
+    if other is None:
+        guide = build_guide(ckpt, device)
+    else:
+        guide, guide_diffusion = build_model(other, device)
+        same = lambda m: (m.config.num_classes, m.config.in_channels, m.config.image_size)
+        check(same(guide) == same(model) and guide_diffusion.config == diffusion.config,
+              "--guide must be a checkpoint of the same kind (classes, image size, diffusion) as "
+              "the one scored")
+    model, w = autoguided(model, guide, w)
     return model, diffusion, w
 
 
@@ -284,8 +318,8 @@ def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifi
             **score(*embed(classifier, images), reference, labels, test_y)}
 
 
-def write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out):
-    """eval.json, and the sweep's figures."""
+def write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out, complete=True):
+    """eval.json, and the sweep's figures; complete=False: the rows scored before an interrupt."""
     # one checkpoint: its path and step
     steps = {path: ckpt["step"] for path, ckpt in ckpts.items()}
     first = args.checkpoint[0]
@@ -293,10 +327,11 @@ def write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out):
              {"checkpoint": args.checkpoint, "step": steps})
     result = {**where, "n": args.n, "seed": args.seed, "conditional": bool(conditional),
               "classifier_test_accuracy": accuracy, "score_seconds_per_set": score_seconds,
-              "rows": rows}
+              "guide": args.guide, "complete": complete, "rows": rows}
     atomic_write(out / "eval.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"scoring {args.n} images took {score_seconds:.1f} s (features and metrics, generation "
-          f"excluded); wrote {out / 'eval.json'}")
+          f"excluded); wrote {out / 'eval.json'}"
+          + ("" if complete else f" with the {len(rows) - 1} rows scored before the interrupt"))
     if args.sweep:
         plot_sweep(rows, out / "fid_vs_steps.png")
         print(f"wrote {out / 'fid_vs_steps.png'}")
@@ -306,6 +341,7 @@ def write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out):
 
 
 def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)  # each row reaches a log or a pipe as it is scored
     run_command(run, build_parser().parse_args(argv))
 
 

@@ -1,22 +1,14 @@
 """Writing files so that nothing is lost: a crash at any moment leaves the old file or the new one.
-What a checkpoint holds is checkpoint.py's; this module writes bytes safely, and locks the
-folder a run writes so that no second run writes there at once."""
+What a checkpoint holds is checkpoint.py's, the folder a run writes folders.py's; this module
+writes bytes safely."""
 import contextlib
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from cli import UserError, WriteError
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
+from cli import WriteError
 
 # read once: the permission bits every file written here gets, as open() would give
 UMASK = os.umask(0o022)
@@ -39,8 +31,10 @@ def atomic_write(path, write, previous=None):
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A unique name: two writers of one file never share a temporary file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # a unique name: two writers of one file never share a temporary file; the name cut so
+        # that the temporary's, longer by 14 bytes, stays within the usual 255-byte limit
+        short = os.fsencode(path.name)[:200].decode(errors="ignore")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{short}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -65,31 +59,3 @@ def atomic_write(path, write, previous=None):
 def atomic_save(obj, path, previous=None):
     """torch.save obj to path through atomic_write."""
     return atomic_write(path, lambda f: torch.save(obj, f), previous)
-
-
-@contextlib.contextmanager
-def locked(folder, flag="--checkpoint-dir"):
-    """Hold folder/.lock while inside, so that a second run on the same folder stops at once. The
-    lock is the operating system's (flock), so it dies with its process: a killed run leaves no
-    stale lock."""
-    f = open(Path(folder) / ".lock", "a+")
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{folder}/ is in use by {holder}; wait for it to end, or choose another "
-                        f"{flag}") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{Path(sys.argv[0]).name} (pid {os.getpid()}, "
-                f"started {time.strftime('%Y-%m-%d %H:%M:%S')})")
-        f.flush()
-        yield
-    finally:
-        f.close()  # closing releases the lock

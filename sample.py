@@ -2,13 +2,11 @@
 
 A thin command line: the model is rebuilt by checkpoint.py from the checkpoint alone, the images
 drawn by samplers.generate, the pictures written by figures.py."""
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from checkpoint import build_guide, build_model, load_checkpoint
-from cli import ArgumentParser, check, check_writable, run_command
+from cli import ArgumentParser, check, check_output, check_writable, is_npz, run_command, seed
 from data import parse_class
 from device import pick_device
 from figures import draw_pictures, save_labelled
@@ -27,7 +25,8 @@ def build_parser():
     a("--checkpoint", default="checkpoints",
       help="checkpoint file, or folder to take the newest from (checkpoints)")
     a("--n", type=int, default=64, help="number of images to draw (64)")
-    a("--seed", type=int, default=0, help="seed for the starting noise and every sampling step (0)")
+    a("--seed", type=seed, default=0,
+      help="seed for the starting noise and every sampling step (0)")
     a("--sampler", choices=sorted(SAMPLERS),
       help=f"reverse-process sampler ({SamplerConfig.sampler}; a distilled student: its own)")
     a("--steps", type=int,
@@ -90,9 +89,9 @@ def run(args):
               f"samples with it alone: drop --guidance")
     own = SamplerConfig(**student["sampler"]) if student else None
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps, own)
+    if args.save_npz:  # first: a refusal leaves even --output-dir as it was
+        check_output(args.save_npz, "--save-npz", is_npz)
     out = check_writable(args.output_dir, "--output-dir")
-    if args.save_npz:
-        check_writable(Path(args.save_npz).parent, "--save-npz")
     guide = f", autoguidance {autoguidance:g}" if autoguidance else ""
     print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights{guide}), "
           f"{sampler.describe()}, {args.n} images on {device}")

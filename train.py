@@ -11,16 +11,15 @@ import time
 
 import torch.distributed as dist
 
-from checkpoint import (claim_folder, continues, make_checkpoint, open_checkpoint,
-                        save_checkpoint, take_folder)
-from cli import ArgumentParser, Diverged, check, check_writable, run_command
+from checkpoint import make_checkpoint, open_checkpoint, save_checkpoint
+from cli import ArgumentParser, Diverged, check, check_writable, run_command, seed
 from config import LR_SCHEDULES, MEMORY_FORMATS, PRECISIONS, resolve_configs, validate
 from data import load_fashion_mnist, prepare_fashion_mnist
 from device import tf32
 from diffusion import LOSSES, PREDICTIONS, SCHEDULES, VARIANCES, Diffusion
 from distributed import start_distributed, together, world
 from figures import draw_pictures, save_forward_figure, save_loss_history
-from files import locked
+from folders import claim_folder, continues, locked, take_folder
 from methods import denoising
 from samplers import SamplerConfig, autoguided
 from training import PLAN_STEPS, plan_length, planned_steps, train
@@ -62,7 +61,7 @@ def build_parser():
                                       "shorter average (cpu preset: 4; gpu: 8)")
     a("--guide-fraction", type=float, help="keep the EMA this far into the run as autoguidance's "
                                            "guide (cpu preset: 0.3; gpu: 0, none)")
-    a("--seed", type=int, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
+    a("--seed", type=seed, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
     a("--checkpoint-dir", help="where checkpoints go (checkpoints; with --resume, the folder resumed from)")

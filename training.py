@@ -15,11 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from cli import Diverged
+from cli import Diverged, check
 from data import epoch_batches, to_model_range
-from device import autocast_for
+from device import autocast_for, memory_bytes
 from distributed import agree_to_stop, mean_over_ranks, smallest_over_ranks, world
-from unet import UNet
+from unet import UNet, planned_parameters
 
 
 def step_seed(seed, step, stream):
@@ -36,7 +36,7 @@ class EMA(AveragedModel):
     average forgets the random initialisation at once, and until it reaches `decay` it is about the
     power-function EMA of Karras et al. 2024 (Eq. 3 there: step s weighted by s^power, an average
     over the last ~1/(power+1) of the run). One foreach lerp, the count on the host: no device sync.
-    After update `keep_at` (0: never) a copy of the average is kept, as `kept`: autoguidance's guide.
+    After update `keep_at` (0: never) a copy of the average is kept as `kept`, autoguidance's guide.
     """
 
     def __init__(self, model, decay, power, keep_at=0):
@@ -90,7 +90,15 @@ class Part:
 
 
 def new_part(model_cfg, cfg, device):
-    """A U-Net seeded by cfg.seed, its EMA and Adam, as every run starts."""
+    """A U-Net seeded by cfg.seed, its EMA and Adam, as every run starts; one too large for the
+    device's memory is refused before it is built."""
+    size = planned_parameters(model_cfg)
+    need = 20 * size  # fp32 weights, EMA, gradients and Adam's two moments, activations not counted
+    check(need < memory_bytes(device),
+          f"a U-Net of {size / 1e6:,.0f}M parameters needs {need / 2**30:,.1f} GiB for its "
+          f"weights, EMA, gradients and Adam alone, more than the "
+          f"{memory_bytes(device) / 2**30:,.1f} GiB of {device}: choose a smaller --width, "
+          f"--channel-mults or --num-res-blocks")
     torch.manual_seed(cfg.seed)
     model = UNet(model_cfg).to(device)
     # before the EMA copies it and Adam allocates its state

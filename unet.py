@@ -218,3 +218,10 @@ class UNet(nn.Module):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def planned_parameters(config):
+    """The parameter count of a UNet of this config, built on the meta device: nothing is
+    allocated, so a config too large for the machine can be refused before it is built."""
+    with torch.device("meta"):
+        return count_parameters(UNet(config))

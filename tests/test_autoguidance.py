@@ -10,6 +10,7 @@ import samplers
 from checkpoint import build_guide, load_checkpoint
 from cli import UserError
 from config import TrainConfig
+from diffusion import DiffusionConfig
 from training import EMA
 
 
@@ -146,3 +147,18 @@ def test_evaluate_scores_the_guided_model_at_the_default_scale(tmp_path, tiny_co
     model, diffusion, w = evaluate.with_guide(ckpt, "cpu", "ema", None)
     assert isinstance(model, samplers.Autoguided) and w == samplers.AUTOGUIDANCE
     assert diffusion.timesteps == 20 and evaluate.with_guide(ckpt, "cpu", "raw", 0.0)[2] == 0.0
+
+
+def test_evaluate_guides_with_another_checkpoint_of_the_same_kind(tmp_path, tiny_config, tiny_run):
+    """--guide: what the guide table in docs/results.md scored, an earlier checkpoint's EMA."""
+    import evaluate
+    cfg = TrainConfig(steps=4, batch_size=8)
+    tiny_run(tmp_path / "a", tiny_config, cfg)
+    tiny_run(tmp_path / "early", tiny_config, replace(cfg, max_steps=2))
+    ckpt, early = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "early")
+    model, _, w = evaluate.with_guide(ckpt, "cpu", "ema", None, early)
+    assert isinstance(model, samplers.Autoguided) and w == samplers.AUTOGUIDANCE
+    assert_close(model.guide.state_dict(), early["ema"], rtol=0, atol=0)
+    tiny_run(tmp_path / "c", tiny_config, cfg, diffusion_cfg=DiffusionConfig(30))  # another T
+    with pytest.raises(UserError, match="--guide must be a checkpoint of the same kind"):
+        evaluate.with_guide(ckpt, "cpu", "ema", 1.0, load_checkpoint(tmp_path / "c"))

@@ -248,6 +248,7 @@ def test_an_older_student_teaches_the_next_round(name, cli):
     (lambda r: {**r, "steps": True}, "steps must be a whole number"),
     (lambda r: {**r, "sampler": {**r["sampler"], "eta": "0"}}, "eta must be a number from 0 to 1"),
     (lambda r: {**r, "sampler": {**r["sampler"], "sampler": "euler"}}, "unknown sampler 'euler'"),
+    (lambda r: {**r, "steps": 21}, "21 steps of a diffusion of 20"),  # version 6 kept steps here
 ])
 def test_a_damaged_student_record_is_one_line_and_gives_way_to_the_previous_file(change, message,
                                                                                   tmp_path, fails):

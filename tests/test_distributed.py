@@ -74,10 +74,22 @@ def test_resume_under_torchrun_matches_an_uninterrupted_run(cli, tmp_path):
 
 
 def test_a_fixed_device_under_torchrun_is_refused(cli, monkeypatch, fails):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
     err = fails(train, ["--device", "cuda:1", "--data-dir", cli.data, "--checkpoint-dir", cli.ckpt])
     assert "LOCAL_RANK" in err and "cuda:1" in err
     assert not cli.ckpt.exists()
+
+
+@pytest.mark.parametrize("size", ["2", "two", "0"])
+def test_a_world_size_left_in_the_environment_without_torchrun_is_one_line(cli, monkeypatch, fails, size):
+    """WORLD_SIZE alone (an exported shell variable, a job scheduler's) once waited for peers forever."""
+    monkeypatch.setenv("WORLD_SIZE", size)
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    err = fails(train, ["--data-dir", cli.data, "--checkpoint-dir", cli.ckpt])
+    assert f"WORLD_SIZE={size} is set, but not as torchrun sets it" in err and not cli.ckpt.exists()
 
 
 def test_a_problem_found_by_one_process_stops_them_all(cli, tmp_path):

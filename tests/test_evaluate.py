@@ -1,5 +1,8 @@
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ from torch.testing import assert_close
 
 import evaluate
 from cli import UserError
+from conftest import wait_for
 from metrics import frechet_distance, kernel_inception_distance, precision_recall
 from samplers import GUIDANCE, SamplerConfig
 
@@ -107,6 +111,7 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--autoguidance", "0.5"], "keeps none"),
     (["--autoguidance", "nan"], "--autoguidance must be 0 (off) or more"),
+    (["--guide", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
 ])
 def test_evaluate_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     err = fails(evaluate, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path / "o", "--sweep", *args])
@@ -177,3 +182,20 @@ def test_a_sweep_over_several_checkpoints_compares_their_ema_weights(scored_chec
     assert [r["name"] for r in result["rows"]] == ["real train images", f"{cli.ckpt} ddpm-4 ema", f"{other} ddpm-4 ema"]
     assert result["rows"][1]["fid"] == result["rows"][2]["fid"]  # the same weights and seed: the same images
     assert result["step"] == {str(cli.ckpt): 4, str(other): 4} and (cli.out / "fid_vs_steps.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_sweep_keeps_the_rows_it_scored(scored_checkpoint, sig):
+    cli = scored_checkpoint
+    argv = ["--checkpoint", cli.ckpt, "--data-dir", cli.data, "--classifier-dir", cli.ckpt, "--output-dir", cli.out,
+            "--n", "200", "--sweep", "--grid", "ddpm:4", "ddpm:20", "ddim:20", "dpm++:20"]
+    proc = subprocess.Popen([sys.executable, str(cli.root / "evaluate.py"), *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cli.root)
+    wait_for(proc, "ddpm-4 ema")  # the first row is scored and printed
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    result = json.loads((cli.out / "eval.json").read_text())
+    assert result["complete"] is False and 2 <= len(result["rows"]) < 9  # the floor, and what was scored
+    assert result["rows"][1]["name"] == "ddpm-4 ema" and "before the interrupt" in out

@@ -210,7 +210,7 @@ def test_sample_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     (["--batch-size", "-4"], "--batch-size must be positive"),
     (["--lr", "0"], "--lr must be positive"),
     (["--batch-size", "100000"], "larger than the 256 training images"),
-    (["--timesteps", "1"], "timesteps must be at least 2"),
+    (["--timesteps", "1"], "timesteps must be from 2 to 100000, got 1"),
     (["--width", "12"], "multiple of 8"),
     (["--schedule", "quadratic"], "invalid choice"),
     (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
