@@ -189,7 +189,8 @@ def test_a_sweep_over_several_checkpoints_compares_their_ema_weights(scored_chec
 def test_an_interrupted_sweep_keeps_the_rows_it_scored(scored_checkpoint, sig):
     cli = scored_checkpoint
     argv = ["--checkpoint", cli.ckpt, "--data-dir", cli.data, "--classifier-dir", cli.ckpt, "--output-dir", cli.out,
-            "--n", "200", "--sweep", "--grid", "ddpm:4", "ddpm:20", "ddim:20", "dpm++:20"]
+            "--n", "200", "--sweep", "--grid", "ddpm:4", "ddpm:20", "ddim:20", "dpm++:20", "--batch-size", "1"]
+    # one image at a time: each row after the first takes seconds, so the signal finds the sweep unfinished
     proc = subprocess.Popen([sys.executable, str(cli.root / "evaluate.py"), *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cli.root)
     wait_for(proc, "ddpm-4 ema")  # the first row is scored and printed
