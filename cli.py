@@ -108,18 +108,20 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def interrupted_by_sigterm():
-    """While inside, SIGTERM (a scheduler's, `kill`) interrupts as Ctrl-C does, so that a command
-    that keeps its work on Ctrl-C keeps it then too."""
+def interrupted_by_signals():
+    """While inside, SIGINT and SIGTERM (a scheduler's, `kill`) raise KeyboardInterrupt, so that a
+    command that keeps its work on Ctrl-C keeps it then too, even where SIGINT came in ignored (a
+    background job's, `nohup`)."""
     try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread (a caller's worker): leave SIGTERM as it is
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (a caller's worker): leave the signals as they are
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def check(ok, message):

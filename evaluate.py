@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import build_guide, build_model, load_checkpoint
-from cli import (ArgumentParser, UserError, check, check_writable, interrupted_by_sigterm,
+from cli import (ArgumentParser, UserError, check, check_writable, interrupted_by_signals,
                  run_command, seed)
 from data import load_fashion_mnist, to_model_range
 from device import pick_device
@@ -242,7 +242,7 @@ def run(args):
     print_table(rows, header=True)
     conditional = conditional and not args.unconditional
     try:
-        with interrupted_by_sigterm():
+        with interrupted_by_signals():
             for path, weights, sampler, guidance in runs:
                 rows.append(score_samples(args, ckpts, path, models[path, weights], weights,
                                           sampler, guidance, classifier, reference, test[1],
