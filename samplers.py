@@ -268,10 +268,15 @@ def guided(model, labels, w):
         none = torch.full_like(labels, model.config.num_classes)
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]),
                              torch.cat([labels, none])).chunk(2)
-        # a learned variance, after channel c, is the conditional model's (GLIDE, sec. 2.3)
-        c = x.shape[1]
-        return torch.cat([cond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
+        return extrapolate(cond, uncond, w, x.shape[1])
     return fn
+
+
+def extrapolate(strong, weak, w, c):
+    """(1 + w) strong - w weak on the first c channels (the eps or v prediction), which every
+    guidance here shares; a learned variance, after channel c, is the strong prediction's own
+    (GLIDE, sec. 2.3). eps is affine in x0 with the same coefficients, so guiding it guides x0."""
+    return torch.cat([strong[:, :c] + w * (strong[:, :c] - weak[:, :c]), strong[:, c:]], dim=1)
 
 
 # default autoguidance scale: guiding the model with the early EMA its checkpoint keeps (the
@@ -290,11 +295,7 @@ class Autoguided(torch.nn.Module):
         self.model, self.guide, self.w, self.config = model, guide, w, model.config
 
     def forward(self, x, t, labels=None):
-        out, weak = self.model(x, t, labels), self.guide(x, t, labels)
-        # eps is affine in x0 with the same coefficients, so guiding either is one rule; a learned
-        # variance, after channel c, is the model's own
-        c = x.shape[1]
-        return torch.cat([out[:, :c] + self.w * (out[:, :c] - weak[:, :c]), out[:, c:]], dim=1)
+        return extrapolate(self.model(x, t, labels), self.guide(x, t, labels), self.w, x.shape[1])
 
 
 def autoguided(model, guide, w=None):
