@@ -9,8 +9,11 @@ import torch.nn.functional as F
 
 from data import CLASSES, to_model_range
 from files import atomic_write
-from samplers import GUIDANCE, generate
+from samplers import GUIDANCE, generate_batches
 
+# the most images samples.png shows (8 a row), and samples_by_class.png of each class: what a
+# picture can show, whatever the n drawn
+SHOWN, SHOWN_PER_CLASS = 256, 16
 # of T; t = 0, 50, 100, 200, ... 999 at T = 1000
 FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)
 
@@ -144,26 +147,45 @@ def plot_sweep(rows, path):
     _save_figure(fig, path)
 
 
-def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, learned=None,
-                  by_class=True, **kw):
-    """The pictures a run draws: n images in out/samples.png. A conditional model given no label
-    draws ceil(n / 10) of each class instead, also as out/samples_by_class.png with a labelled row
-    per class; by_class=False: n images with no class asked for, as an unconditional model draws.
-    learned: a distilled student's guidance scale, which it applies itself: none is added to it.
-    kw: generate()'s options (sampler, batch_size, callback, ...). Returns the images."""
-    guidance = 0.0 if learned is not None else guidance
-    labels, per_class = None, None
-    if model.config.num_classes and label is not None:
-        labels = torch.full((n,), label)
-    elif model.config.num_classes and by_class:
+def picture_labels(num_classes, n, label=None, by_class=True):
+    """(labels [N] or None, images per class or None): the classes draw_pictures() draws, N = n,
+    or ceil(n / 10) of each class where a conditional model is drawn by class."""
+    if num_classes and label is not None:
+        return torch.full((n,), label), None
+    if num_classes and by_class:
         per_class = -(-n // len(CLASSES))
-        labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
-    images = generate(model, diffusion, len(labels) if labels is not None else n, seed,
-                      labels=labels, guidance=guidance if labels is not None else 0.0, **kw)
-    save_grid(images, out / "samples.png", nrow=per_class or 8)
+        return torch.arange(len(CLASSES)).repeat_interleave(per_class), per_class
+    return None, None
+
+
+def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANCE, learned=None,
+                  by_class=True, on_batch=None, **kw):
+    """The pictures a run draws: n images, the first SHOWN of them in out/samples.png. A conditional
+    model given no label draws ceil(n / 10) of each class instead, also as out/samples_by_class.png
+    with a labelled row per class (the first SHOWN_PER_CLASS of each); by_class=False: n images
+    with no class asked for, as an unconditional model draws. learned: a distilled student's
+    guidance scale, which it applies itself: none is added to it. on_batch(images): called with
+    every batch in order; only the images shown are kept, so memory stays flat in n.
+    kw: generate_batches()'s options (sampler, batch_size, callback, ...).
+    Returns (the number of images drawn, the images shown)."""
+    guidance = 0.0 if learned is not None else guidance
+    labels, per_class = picture_labels(model.config.num_classes, n, label, by_class)
+    total = len(labels) if labels is not None else n
+    # the images kept: the first SHOWN, or the first SHOWN_PER_CLASS of each class
+    index = torch.arange(total)
+    keep = index < SHOWN if not per_class else index % per_class < SHOWN_PER_CLASS
+    shown, start = [], 0
+    for batch in generate_batches(model, diffusion, total, seed, labels=labels,
+                                  guidance=guidance if labels is not None else 0.0, **kw):
+        if on_batch is not None:
+            on_batch(batch)
+        shown.append(batch[keep[start:start + len(batch)]])
+        start += len(batch)
+    images, columns = torch.cat(shown), min(per_class or 8, SHOWN_PER_CLASS)
+    save_grid(images, out / "samples.png", nrow=columns)
     if per_class:
         student = "a student distilled at " * (learned is not None)
         w = guidance if learned is None else learned
-        save_labelled(list(zip(CLASSES, images.split(per_class))), out / "samples_by_class.png",
+        save_labelled(list(zip(CLASSES, images.split(columns))), out / "samples_by_class.png",
                       f"One row per class, {student}guidance w = {w:g}", rows=True)
-    return images
+    return total, images

@@ -2,6 +2,9 @@
 
 A thin command line: the model is rebuilt by checkpoint.py from the checkpoint alone, the images
 drawn by samplers.generate, the pictures written by figures.py."""
+import contextlib
+import zipfile
+
 import numpy as np
 import torch
 
@@ -9,7 +12,7 @@ from checkpoint import build_guide, build_model, load_checkpoint
 from cli import ArgumentParser, check, check_output, check_writable, is_npz, run_command, seed
 from data import parse_class
 from device import pick_device
-from figures import draw_pictures, save_labelled
+from figures import draw_pictures, picture_labels, save_labelled
 from files import atomic_write
 from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided
 
@@ -17,6 +20,26 @@ from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided
 def to_uint8(images):
     """[-1, 1] float [N, 1, H, W] -> uint8 numpy [N, H, W], the way the dataset stores images."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+
+
+@contextlib.contextmanager
+def npz_stream(f, shape):
+    """Write into f an .npz holding 'images', uint8 of `shape` [N, H, W], as np.savez_compressed
+    would, one batch at a time: yields add(images uint8 [b, H, W]), so memory stays flat in N."""
+    written = 0
+
+    def add(images):
+        nonlocal written
+        member.write(np.ascontiguousarray(images).tobytes())
+        written += len(images)
+
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z, \
+            z.open("images.npy", "w", force_zip64=True) as member:
+        header = {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)}
+        np.lib.format.write_array_header_1_0(member, header)
+        yield add
+        if written != shape[0]:
+            raise RuntimeError(f"{written} images written to an .npz of {shape[0]}")
 
 
 def build_parser():
@@ -40,7 +63,8 @@ def build_parser():
     a("--trajectory", action="store_true",
       help="also write denoising.png: a few samples from noise to image")
     a("--save-npz", metavar="PATH",
-      help="also save the images as uint8 [N, 28, 28] under the key 'images'")
+      help="also save every image drawn as uint8 [N, 28, 28] under the key 'images', written "
+           "batch by batch")
     a("--class", dest="class_", metavar="CLASS",
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
     a("--guidance", type=float,
@@ -110,9 +134,23 @@ def draw(args, model, diffusion, sampler, label, student, out):
 
     guidance = GUIDANCE if args.guidance is None else args.guidance
     by_class = model.config.num_classes and label is None and not args.unconditional
-    images = draw_pictures(model, diffusion, args.n, out, args.seed, label, guidance,
-                           student["guidance"] if student else None, by_class=by_class,
-                           sampler=sampler, batch_size=args.batch_size, callback=record)
+
+    def pictures(on_batch=None):
+        return draw_pictures(model, diffusion, args.n, out, args.seed, label, guidance,
+                             student["guidance"] if student else None, by_class=by_class,
+                             sampler=sampler, batch_size=args.batch_size, callback=record,
+                             on_batch=on_batch)
+
+    if args.save_npz:
+        labels, _ = picture_labels(model.config.num_classes, args.n, label, by_class)
+        n, size = len(labels) if labels is not None else args.n, model.config.image_size
+
+        def write(f):
+            with npz_stream(f, (n, size, size)) as add:
+                pictures(lambda batch: add(to_uint8(batch)))
+        atomic_write(args.save_npz, write)
+    else:
+        n, _ = pictures()
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if by_class else ""))
     if args.trajectory:
         save_labelled(snapshots, out / "denoising.png",
@@ -120,8 +158,7 @@ def draw(args, model, diffusion, sampler, label, student, out):
                       "x after the step at t")
         print(f"wrote {out / 'denoising.png'}")
     if args.save_npz:
-        atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=to_uint8(images)))
-        print(f"wrote {args.save_npz}")
+        print(f"wrote {args.save_npz} ({n} images)")
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """The reverse process: the samplers, the timestep grids they visit, their settings (SamplerConfig,
-the one home of every sampler default), classifier-free guidance and autoguidance, and generate(),
-which draws n images.
+the one home of every sampler default), classifier-free guidance and autoguidance, and
+generate_batches() and generate(), which draw n images.
 
 Every sampler: (model, diffusion, noise x_T [B, C, H, W], steps, generator, callback, **options) ->
 x_0 in [-1, 1], its options being SamplerConfig.options(): the grid, and eta where it takes one.
@@ -312,17 +312,23 @@ def autoguided(model, guide, w=None):
 
 def generate(model, diffusion, n, seed=0, sampler=SamplerConfig(), batch_size=None, callback=None,
              progress=True, precision="fp32", labels=None, guidance=0.0):
-    """n images [n, C, H, W] in [-1, 1] on the CPU, drawn in batches with `sampler`
-    (a SamplerConfig: what sample.py draws with unless told otherwise); the same seed and batch
-    size give the same images. labels [n]: the class of each image, for a conditional model, guided
-    with scale `guidance`. Always in full fp32 (or the precision asked for), TF32 off, whoever calls
-    it."""
+    """n images [n, C, H, W] in [-1, 1] on the CPU: generate_batches()'s batches, joined."""
+    return torch.cat(list(generate_batches(model, diffusion, n, seed, sampler, batch_size, callback,
+                                           progress, precision, labels, guidance)))
+
+
+def generate_batches(model, diffusion, n, seed=0, sampler=SamplerConfig(), batch_size=None,
+                     callback=None, progress=True, precision="fp32", labels=None, guidance=0.0):
+    """Yield n images in [-1, 1] on the CPU as batches [b, C, H, W], drawn with `sampler` (a
+    SamplerConfig: what sample.py draws with unless told otherwise), so that a caller keeping none
+    uses memory flat in n; the same seed and batch size give the same images. labels [n]: the class
+    of each image, for a conditional model, guided with scale `guidance`. Always in full fp32 (or
+    the precision asked for), TF32 off, whoever calls it."""
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
     sampler = sampler.resolve(diffusion.timesteps)
     c = model.config
     g = torch.Generator(device=device).manual_seed(seed)
-    out = []
     with tqdm(total=sampler.steps * -(-n // batch_size), unit="step", desc="sampling",
               disable=not progress or None, leave=False) as bar:
         def step_callback(i, t, x, x0):
@@ -339,5 +345,4 @@ def generate(model, diffusion, n, seed=0, sampler=SamplerConfig(), batch_size=No
             with autocast_for(device, precision), tf32(False):
                 x = SAMPLERS[sampler.sampler](fn, diffusion, noise, sampler.steps, generator=g,
                                               callback=step_callback, **sampler.options())
-            out.append(x.cpu())
-    return torch.cat(out)
+            yield x.cpu()

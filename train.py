@@ -227,9 +227,9 @@ def finish(args, cfg, method, state, stopped, out, ckpt_dir, started):
         return
     sampler = SamplerConfig().resolve(diffusion.timesteps)
     model, w = autoguided(ema.module.eval(), ema.guide())  # as sample.py draws from the checkpoint
-    images = draw_pictures(model, diffusion, args.sample_n, out, cfg.seed, sampler=sampler)
+    n, _ = draw_pictures(model, diffusion, args.sample_n, out, cfg.seed, sampler=sampler)
     conditional = ema.module.config.num_classes
-    print(f"wrote {out / 'samples.png'} ({len(images)} images from the EMA weights"
+    print(f"wrote {out / 'samples.png'} ({n} images from the EMA weights"
           + (f" autoguided at {w:g}" if w else "") + f", {sampler.describe()}"
           + (", and samples_by_class.png)" if conditional else ")"))
 

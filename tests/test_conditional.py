@@ -77,9 +77,9 @@ def test_per_class_grid_has_a_row_per_class_in_order(conditional_model, tmp_path
         seen.update(groups=groups, rows=rows, path=path)
 
     monkeypatch.setattr(figures, "save_labelled", fake_save_labelled)
-    images = figures.draw_pictures(conditional_model, Diffusion(DiffusionConfig(10)), 25, tmp_path, guidance=1.0,
-                                   sampler=samplers.SamplerConfig("ddpm", 2))
-    assert images.shape == (30, 1, 28, 28)  # ceil(25 / 10) = 3 per class
+    n, images = figures.draw_pictures(conditional_model, Diffusion(DiffusionConfig(10)), 25, tmp_path, guidance=1.0,
+                                      sampler=samplers.SamplerConfig("ddpm", 2))
+    assert n == 30 and images.shape == (30, 1, 28, 28)  # ceil(25 / 10) = 3 per class
     assert seen["rows"] and seen["path"].name == "samples_by_class.png"
     assert [name for name, _ in seen["groups"]] == list(CLASSES)
     assert all(len(x) == 3 for _, x in seen["groups"])
@@ -89,9 +89,9 @@ def test_per_class_grid_has_a_row_per_class_in_order(conditional_model, tmp_path
 
 def test_unconditional_drawing_asks_for_no_class(conditional_model, tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(figures, "generate", lambda *a, **k: asked.append(k) or torch.zeros(a[2], 1, 28, 28))
-    images = figures.draw_pictures(conditional_model, Diffusion(DiffusionConfig(10)), 7, tmp_path, by_class=False)
-    assert images.shape[0] == 7 and asked[0]["labels"] is None  # the 'no class' token, as model(x, t) takes it
+    monkeypatch.setattr(figures, "generate_batches", lambda *a, **k: asked.append(k) or [torch.zeros(a[2], 1, 28, 28)])
+    n, images = figures.draw_pictures(conditional_model, Diffusion(DiffusionConfig(10)), 7, tmp_path, by_class=False)
+    assert n == 7 and images.shape[0] == 7 and asked[0]["labels"] is None  # the 'no class' token, as model(x, t) takes it
     assert not (tmp_path / "samples_by_class.png").exists()
 
 

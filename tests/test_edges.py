@@ -1,14 +1,23 @@
 """Numbers at their edges and resource bombs: every --seed takes what `date +%s%N` prints and refuses
 in one line what torch's generators cannot hold; a schedule, a model or a checkpoint's config too
-large for the machine is refused before its memory is allocated."""
+large for the machine is refused before its memory is allocated; a large --n streams to disk."""
+import gc
+import weakref
+from dataclasses import replace
+
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 import distill
 import evaluate
+import figures
 import sample
 import train
-from checkpoint import load_checkpoint
+from checkpoint import build_model, load_checkpoint
+from samplers import SamplerConfig, generate
+from unet import UNet
 
 NANOSECONDS = "1764763200123456789"  # `date +%s%N` on 2025-12-03: 19 digits
 
@@ -68,3 +77,41 @@ def test_a_step_or_epoch_that_is_not_a_count_is_damaged_and_gives_way_to_the_pre
     assert "is damaged: its step and epoch" in err
     (tmp_path / "ckpt.prev.pt").write_bytes(good_checkpoint.read_bytes())
     assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
+
+
+def test_save_npz_streams_every_image_drawn_in_order(good_checkpoint, tmp_path):
+    args = ["--n", "300", "--sampler", "ddim", "--steps", "2", "--batch-size", "64", "--seed", "3"]
+    sample.main([str(a) for a in ["--checkpoint", good_checkpoint, "--save-npz", tmp_path / "s.npz",
+                                  "--output-dir", tmp_path / "out", *args]])
+    model, diffusion = build_model(load_checkpoint(good_checkpoint), torch.device("cpu"))
+    expected = generate(model, diffusion, 300, 3, SamplerConfig("ddim", 2), batch_size=64, progress=False)
+    with np.load(tmp_path / "s.npz") as f:
+        assert f.files == ["images"]
+        np.testing.assert_array_equal(f["images"], sample.to_uint8(expected))
+    # the picture shows the first SHOWN of them, 8 a row: 32 rows of 28 + 2 pixels, scaled 3x
+    with PIL.Image.open(tmp_path / "out" / "samples.png") as png:
+        assert png.size == (3 * (8 * 30 + 2), 3 * (figures.SHOWN // 8 * 30 + 2))
+
+
+@pytest.mark.parametrize("num_classes, n, kept", [(0, 640, 256), (10, 400, 16 * 10)])
+def test_pictures_keep_only_the_images_they_show(tiny_config, tmp_path, monkeypatch, num_classes, n, kept):
+    """Memory flat in n: every batch reaches on_batch, and no batch past the shown ones is held."""
+    made, seen = [], []
+
+    def batches(model, diffusion, total, seed, labels=None, **kw):
+        for start in range(0, total, 64):
+            # each image holds its index, so the ones kept can be named
+            x = torch.arange(start, min(start + 64, total)).float().view(-1, 1, 1, 1).expand(-1, 1, 28, 28)
+            made.append(weakref.ref(x))
+            yield x
+            del x
+
+    monkeypatch.setattr(figures, "generate_batches", batches)
+    model = UNet(replace(tiny_config, num_classes=num_classes))
+    drawn, shown = figures.draw_pictures(model, None, n, tmp_path, on_batch=lambda x: seen.append(len(x)))
+    gc.collect()
+    assert drawn == n and sum(seen) == n and len(shown) == kept
+    per_class = n // 10 if num_classes else n
+    expected = [i for i in range(n) if i % per_class < (16 if num_classes else 256)]
+    assert shown[:, 0, 0, 0].long().tolist() == expected
+    assert not any(ref() is not None for ref in made)
