@@ -70,8 +70,8 @@ def plain_rate(model_cfg, cfg, data_dir, device, steps, warmup):
 
     torch.manual_seed(cfg.seed)
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    dataset = torchvision.datasets.FashionMNIST(data.prepare_fashion_mnist(data_dir), train=True,
-                                                transform=to_tensor)
+    data.prepare_fashion_mnist(data_dir)
+    dataset = torchvision.datasets.FashionMNIST(data_dir, train=True, transform=to_tensor)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                                          drop_last=True)
     model, diffusion = UNet(model_cfg).to(device), Diffusion(DiffusionConfig()).to(device)

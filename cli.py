@@ -130,17 +130,17 @@ def check(ok, message):
         raise UserError(message)
 
 
-def check_writable(folder, flag):
+def check_writable(folder, flag, fix=None):
     """Create folder if needed and prove a file can be written there, before any long work
-    starts."""
+    starts; if not, one line with the fix (by default: another folder with flag)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to {folder}/ ({e.strerror or e}); choose another folder "
-                        f"with {flag}") from None
+        raise UserError(f"cannot write to {folder}/ ({e.strerror or e}); "
+                        f"{fix or f'choose another folder with {flag}'}") from None
     return folder
 
 

@@ -30,28 +30,42 @@ def _find_idx_files(folder):
     return None
 
 
-def _copy(src, dst):
-    """Copy src (decompressing a .gz) to dst, atomically, once it has proved to be a whole IDX
-    file."""
-    fresh = ("get a fresh copy: apt-get install --reinstall dataset-fashion-mnist"
-             if DEBIAN_DIR in src.parents else "replace it with a good copy")
+def _fix(src):
+    """How to mend a damaged IDX file src."""
+    return ("get a fresh copy: apt-get install --reinstall dataset-fashion-mnist"
+            if DEBIAN_DIR in src.parents else "replace it with a good copy")
+
+
+def _read(src, ndim, fix=None):
+    """(bytes, tensor) of the IDX file src (plain or .gz), checked: one line naming it and the fix
+    (by default _fix's) if damaged."""
+    fix = fix or _fix(src)
     try:
         with (gzip.open if src.suffix == ".gz" else open)(src, "rb") as f:
             content = f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read {src} "
                         f"({e.strerror if isinstance(e, OSError) and e.strerror else e}): "
-                        f"it is damaged; {fresh}") from None
-    # a bad source would be copied forever
-    parse_idx(content, 3 if "images" in dst.name else 1, src, fresh)
-    atomic_write(dst, lambda f: f.write(content))
+                        f"it is damaged; {fix}") from None
+    return content, parse_idx(content, ndim, src, fix)
+
+
+def _writable(folder):
+    """Whether folder, or the nearest folder above it that exists, can be written: not a read-only
+    mount or a folder of someone else's."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
 
 
 def prepare_fashion_mnist(data_dir):
-    """Make sure data_dir/FashionMNIST/raw holds the uncompressed IDX files; return data_dir.
+    """The paths of the four IDX files, in IDX_FILES' order, ready for read_idx.
 
-    Looks in data_dir, then $FASHION_MNIST_DIR, then Debian's dataset-fashion-mnist package,
-    then asks torchvision to download. Found files are copied (decompressed) into data_dir once.
+    Looks in data_dir/FashionMNIST/raw, data_dir, then $FASHION_MNIST_DIR, then Debian's
+    dataset-fashion-mnist package, then asks torchvision to download. Found files are checked and
+    copied (decompressed) into data_dir/FashionMNIST/raw once; where data_dir cannot be written (a
+    read-only share), they are read where they are.
     """
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
@@ -59,22 +73,30 @@ def prepare_fashion_mnist(data_dir):
                         f"folder (default: data)")
     raw = data_dir / "FashionMNIST" / "raw"
     if all((raw / n).is_file() for n in IDX_FILES):
-        return data_dir
+        return [raw / n for n in IDX_FILES]
+    writable = _writable(data_dir)
     for source in (data_dir, os.environ.get("FASHION_MNIST_DIR"), DEBIAN_DIR):
         files = source and _find_idx_files(source)
+        if files and not writable:
+            return files
         if files:
             raw.mkdir(parents=True, exist_ok=True)
             for name, src in zip(IDX_FILES, files):
-                if src != raw / name:
-                    _copy(src, raw / name)
-            return data_dir
+                if src != raw / name:  # checked first: a bad source would be copied forever
+                    content, _ = _read(src, 3 if "images" in name else 1)
+                    atomic_write(raw / name, lambda f: f.write(content))
+            return [raw / n for n in IDX_FILES]
+    if not writable:
+        raise UserError(f"Fashion-MNIST not found in {data_dir}/, which is read-only, so it cannot "
+                        f"be downloaded there: choose a writable --data-dir, or put the four IDX "
+                        f"files in {data_dir}/ or point $FASHION_MNIST_DIR at them")
     print(f"Fashion-MNIST not found locally; downloading it with torchvision into {data_dir}/")
     try:
         import torchvision
         # its per-mirror chatter; a failure is reported below
         with contextlib.redirect_stdout(io.StringIO()):
             torchvision.datasets.FashionMNIST(data_dir, download=True)
-        return data_dir
+        return [raw / n for n in IDX_FILES]
     except Exception as e:  # no network, proxy, mirror down: all end the same way for the user
         raise UserError(
             f"Fashion-MNIST not found in {data_dir}/ and the download failed ({type(e).__name__}). "
@@ -99,15 +121,17 @@ def parse_idx(raw, ndim, path, fix):
 
 
 def read_idx(path, ndim):
-    """parse_idx of the file at path, a copy that prepare_fashion_mnist() made."""
-    return parse_idx(Path(path).read_bytes(), ndim, path,
-                     f"delete {path} and run again to copy it afresh")
+    """The IDX file at path (plain or .gz) as a tensor, checked; a copy that prepare_fashion_mnist()
+    made is mended by deleting it."""
+    path = Path(path)
+    copy = path.name in IDX_FILES and path.parent.parts[-2:] == ("FashionMNIST", "raw")
+    return _read(path, ndim, copy and f"delete {path} and run again to copy it afresh")[1]
 
 
 def load_fashion_mnist(data_dir, train=True):
     """Images as one uint8 tensor [N, 28, 28] and labels [N], straight from the IDX files."""
-    raw = prepare_fashion_mnist(data_dir) / "FashionMNIST" / "raw"
-    images_file, labels_file = (raw / name for name in (IDX_FILES[:2] if train else IDX_FILES[2:]))
+    files = prepare_fashion_mnist(data_dir)
+    images_file, labels_file = files[:2] if train else files[2:]
     images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
     if images.shape[1:] != (28, 28):
         raise UserError(f"{images_file} holds {tuple(images.shape[1:])} images, not 28x28; "

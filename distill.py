@@ -220,7 +220,9 @@ def run(args):
               f"--resume {where.parent}")
     device = pick_device(args.device)
     args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
-    ckpt_dir, out = (check_writable(args.checkpoint_dir, "--checkpoint-dir"),
+    ckpt_dir, out = (check_writable(args.checkpoint_dir, "--checkpoint-dir", args.resume
+                                    and "a distillation goes on where it was saved: copy the "
+                                        "folder somewhere writable and --resume the copy"),
                      check_writable(args.output_dir, "--output-dir"))
     with locked(ckpt_dir):  # from here on no other run changes what is in it
         found = saved_rounds(ckpt_dir)

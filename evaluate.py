@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -230,11 +231,10 @@ def run(args):
     models = {(path, w): with_guide(ckpts[path], device, w, args.autoguidance, guide)
               for path, w, *_ in runs}
     out = check_writable(args.output_dir, "--output-dir")
-    classifier_dir = check_writable(args.classifier_dir, "--classifier-dir")
     (train_x, train_y), test = (load_fashion_mnist(args.data_dir),
                                 load_fashion_mnist(args.data_dir, False))
-    classifier, accuracy = load_classifier(classifier_dir / "classifier.pt", train_x, train_y,
-                                           *test, device)
+    classifier, accuracy = load_classifier(Path(args.classifier_dir) / "classifier.pt", train_x,
+                                           train_y, *test, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
     reference, floor, score_seconds = score_real(args, classifier, train_x, train_y, test,
                                                  conditional)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cli import first_line
+from cli import check_writable, first_line
 from data import CLASSES, to_model_range
 from files import atomic_save
 
@@ -87,10 +87,11 @@ def fingerprint(*tensors):
     return h.hexdigest()[:16]
 
 
-def load_classifier(path, train_x, train_y, test_x, test_y, device):
+def load_classifier(path, train_x, train_y, test_x, test_y, device, flag="--classifier-dir"):
     """The classifier cached at path if it was trained on this data with these settings, else a new
     one trained (about 5 minutes on 2 CPU cores) and cached; a damaged or stale cache is said and
-    replaced."""
+    replaced. A cache is only read, so it may sit in a read-only folder; path's folder is proved
+    writable (one line naming `flag` if not) before a new one is trained."""
     key = {"format": CLASSIFIER_FORMAT, "data": fingerprint(train_x, train_y, test_x, test_y),
            **CLASSIFIER_SETTINGS}
     if path.exists():
@@ -103,6 +104,7 @@ def load_classifier(path, train_x, train_y, test_x, test_y, device):
             print(f"{path} was trained on other data or settings; training a new one")
         except Exception as e:  # truncated, garbage, foreign: the cache is only a cache
             print(f"{path} is damaged ({first_line(e, 100)}); training a new one")
+    check_writable(path.parent, flag)
     model, accuracy = train_classifier(train_x, train_y, test_x, test_y, device=device,
                                        **CLASSIFIER_SETTINGS)
     atomic_save({"key": key, "model": model.state_dict(), "test_accuracy": accuracy}, path)

@@ -106,7 +106,9 @@ def run(args):
     # a resumed run goes on where it was saved
     ckpt_dir = args.checkpoint_dir or home or "checkpoints"
     out = check_writable(args.output_dir, "--output-dir")
-    ckpt_dir = check_writable(ckpt_dir, "--checkpoint-dir")
+    ckpt_dir = check_writable(ckpt_dir, "--checkpoint-dir", args.resume and not args.checkpoint_dir
+                              and "a resumed run writes where it was saved unless given "
+                                  "another --checkpoint-dir: add one")
     with contextlib.ExitStack() as held:
         def claim():
             if rank == 0:  # the only process that writes checkpoints
