@@ -3,6 +3,7 @@ What a checkpoint holds is checkpoint.py's, the folder a run writes folders.py's
 writes bytes safely."""
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def atomic_write(path, write, previous=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         # a unique name: two writers of one file never share a temporary file; the name cut so
         # that the temporary's, longer by 14 bytes, stays within the usual 255-byte limit
-        short = os.fsencode(path.name)[:200].decode(errors="ignore")
+        short = os.fsencode(path.name)[:200].decode(sys.getfilesystemencoding(), errors="ignore")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{short}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(fd, "wb") as f:
