@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from cli import ArgumentParser, check, check_output, is_json, run_command
+from cli import MAX_IMAGES, MAX_STEPS, ArgumentParser, check_output, is_json, run_command, whole
 from config import preset_configs
 from device import default_batch_size, pick_device, tf32
 from diffusion import Diffusion, DiffusionConfig
@@ -109,10 +109,11 @@ def build_parser():
                    help="model and batch to measure (auto)")
     p.add_argument("--device", default="auto",
                    help="auto (cuda, then mps, then cpu), or a torch device")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per setting (20)")
-    p.add_argument("--warmup", type=int, default=5,
+    p.add_argument("--steps", type=whole(1, MAX_STEPS), default=20,
+                   help="timed training steps per setting (20)")
+    p.add_argument("--warmup", type=whole(1, MAX_STEPS), default=5,
                    help="untimed steps before each timing (5; compile adds 3)")
-    p.add_argument("--sample-n", type=int,
+    p.add_argument("--sample-n", type=whole(1, MAX_IMAGES),
                    help="images per sampling measurement (64 on CPU, 1000 on GPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["compile", "ddpm1000", "training"],
                    help="leave out measurements: compile, ddpm1000 (sampling 1000 steps), "
@@ -124,9 +125,6 @@ def build_parser():
 
 
 def run(args):
-    check(args.steps > 0 and args.warmup > 0, "--steps and --warmup must be positive")
-    check(args.sample_n is None or args.sample_n > 0,
-          f"--sample-n must be positive, got {args.sample_n}")
     check_output(args.json, "--json", is_json)
 
     device = pick_device(args.device)

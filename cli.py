@@ -4,6 +4,7 @@ ranks distributed.py's, the sampler's settings samplers.py's."""
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -33,18 +34,41 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 SEED_LIMIT = 2**63  # torch's generators take 64 bits; the training loop derives seeds below this
+# Upper bounds of counts, against typos (a 20-digit value): past them a command would run for
+# years or allocate more than any machine holds before saying so
+MAX_STEPS = 10**9  # optimizer steps: decades of training on any machine
+MAX_IMAGES = 10**7  # images drawn: weeks of sampling on a CPU
+MAX_BATCH = 2**16  # images in one batch
 
 
-def seed(text):
-    """argparse type of every --seed: a whole number from 0 to 2^63 - 1 (`date +%s%N` fits)."""
+def whole(lo, hi):
+    """argparse type: a whole number from lo to hi, else one line saying so."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {lo} to {hi}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
+def finite(text):
+    """argparse type of every real-valued flag: a finite number (nan and inf refused in one line;
+    each flag's range is checked where its meaning is)."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        value = -1
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_LIMIT - 1}, "
-                                         f"got {text!r}")
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+# every --seed: `date +%s%N` fits
+seed = whole(0, SEED_LIMIT - 1)
 
 
 class Unbroken:

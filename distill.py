@@ -17,7 +17,8 @@ import torch
 
 from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, make_checkpoint,
                         open_checkpoint, restore, save_checkpoint, teacher_checkpoint)
-from cli import ArgumentParser, check, check_writable, run_command, seed
+from cli import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, ArgumentParser, check, check_writable,
+                 finite, run_command, seed, whole)
 from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
 from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
 from device import fastest_settings, pick_device
@@ -111,13 +112,13 @@ def build_parser():
                                         "half " + d("teacher_steps"))
     a("--to-steps", type=int, help="the last student's steps, reached by halving "
                                    "--teacher-steps " + d("to_steps"))
-    a("--round-steps", type=int, help="optimizer steps per round " + d("round_steps"))
-    a("--batch-size", type=int, help="images per step " + d("batch_size"))
-    a("--lr", type=float, help="Adam learning rate after warm-up, decaying linearly to 0 in each "
+    a("--round-steps", type=whole(1, MAX_STEPS), help="optimizer steps per round " + d("round_steps"))
+    a("--batch-size", type=whole(1, MAX_BATCH), help="images per step " + d("batch_size"))
+    a("--lr", type=finite, help="Adam learning rate after warm-up, decaying linearly to 0 in each "
                                "round " + d("lr"))
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each "
                                        "round " + d("warmup_steps"))
-    a("--guidance", type=float, help=f"conditional teachers: the guidance scale w the students "
+    a("--guidance", type=finite, help=f"conditional teachers: the guidance scale w the students "
                                      f"learn ({GUIDANCE:g})")
     a("--seed", type=seed, help="seed for data order, timesteps and noise, the same in each "
                                "round " + d("seed"))
@@ -126,7 +127,7 @@ def build_parser():
                                               "full fp32")
     a("--memory-format", choices=MEMORY_FORMATS,
       help="of the student's tensors (auto, as in train.py)")
-    a("--checkpoint-every", type=int, help="steps between checkpoints within a "
+    a("--checkpoint-every", type=whole(1, MAX_STEPS), help="steps between checkpoints within a "
                                            "round " + d("checkpoint_every"))
     a("--checkpoint-dir", help="where each round's student goes, in N-steps/ "
                                "(checkpoints/distilled)")
@@ -136,10 +137,10 @@ def build_parser():
                                       "with its settings")
     a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds "
                                                "a distillation")
-    a("--max-steps", type=int, help="optimizer steps this command takes, over its rounds, then "
-                                    "stop (0: no limit)")
-    a("--sample-n", type=int, default=64, help="images drawn by each round's student into its "
-                                               "samples.png (64)")
+    a("--max-steps", type=whole(0, MAX_STEPS),
+      help="optimizer steps this command takes, over its rounds, then stop (0: no limit)")
+    a("--sample-n", type=whole(0, MAX_IMAGES), default=64,
+      help="images drawn by each round's student into its samples.png (64)")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     return p
@@ -197,7 +198,8 @@ def settings_from(args, found, device):
         check(values[name] > 0, f"--{'round-steps' if name == 'steps' else name.replace('_', '-')} "
                                 f"must be positive, got {values[name]}")
     check(0 <= values["warmup_steps"] < values["steps"],
-          "--warmup-steps must be 0 or more and fewer than --round-steps")
+          f"--warmup-steps must be 0 or more and fewer than --round-steps ({values['steps']}), "
+          f"got {values['warmup_steps']}")
     check(first_steps <= teacher_diffusion.timesteps,
           f"--teacher-steps {first_steps}: the teacher has only {teacher_diffusion.timesteps} "
           f"timesteps")
@@ -205,9 +207,6 @@ def settings_from(args, found, device):
 
 
 def run(args):
-    check(args.sample_n >= 0, f"--sample-n must be 0 (no samples) or more, got {args.sample_n}")
-    check(args.max_steps is None or args.max_steps >= 0,
-          f"--max-steps cannot be negative, got {args.max_steps}")
     check(not (args.resume and args.checkpoint_dir
                and Path(args.resume) != Path(args.checkpoint_dir)),
           "--resume continues the distillation where it is saved: drop --checkpoint-dir")
@@ -220,10 +219,9 @@ def run(args):
               f"--resume {where.parent}")
     device = pick_device(args.device)
     args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
-    ckpt_dir, out = (check_writable(args.checkpoint_dir, "--checkpoint-dir", args.resume
-                                    and "a distillation goes on where it was saved: copy the "
-                                        "folder somewhere writable and --resume the copy"),
-                     check_writable(args.output_dir, "--output-dir"))
+    ckpt_dir = check_writable(args.checkpoint_dir, "--checkpoint-dir", args.resume
+                              and "a distillation goes on where it was saved: copy the folder "
+                                  "somewhere writable and --resume the copy")
     with locked(ckpt_dir):  # from here on no other run changes what is in it
         found = saved_rounds(ckpt_dir)
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
@@ -231,6 +229,7 @@ def run(args):
         check(reached_by_halving(first_steps, to_steps),
               f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} "
               f"steps: give a power of two below it, such as --teacher-steps 64 --to-steps 4")
+        out = check_writable(args.output_dir, "--output-dir")
         prepare_fashion_mnist(args.data_dir)
         images, labels = load_fashion_mnist(args.data_dir)
         check(cfg.batch_size <= len(images),

@@ -16,18 +16,21 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import build_guide, build_model, load_checkpoint
-from cli import (ArgumentParser, UserError, check, check_writable, interrupted_by_signals,
-                 run_command, seed)
+from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_writable,
+                 finite, interrupted_by_signals, run_command, seed, whole)
 from data import load_fashion_mnist, to_model_range
 from device import pick_device
 from figures import plot_guidance, plot_sweep
 from files import atomic_write
-from metrics import embed, load_classifier, score
+from metrics import NEIGHBOURS, embed, load_classifier, score
 from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided, generate
 
 # ETA left out: the sampler's default, what sample.py draws with (dpm++: 1, the SDE form; ddim: 0).
 GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20:0", "dpm++:10:0",
         "dpm++:20", "dpm++:10")
+# the most images one evaluation scores: they and their features are held in memory, and precision
+# and recall compare them pairwise, in time quadratic in n
+MAX_SCORED = 10**5
 
 
 # ---------------------------------------------------------------------------- command line
@@ -74,18 +77,19 @@ def build_parser():
       help=f"sampler for a single evaluation ({SamplerConfig.sampler})")
     a("--steps", type=int,
       help="sampler steps for a single evaluation (the sampler's default, as in sample.py)")
-    a("--eta", type=float,
+    a("--eta", type=finite,
       help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation (the sampler's "
            "default, as in sample.py: dpm++ 1, ddim 0)")
-    a("--n", type=int, help="images to generate and score per evaluation (10000)")
+    a("--n", type=whole(NEIGHBOURS + 1, MAX_SCORED),
+      help="images to generate and score per evaluation (10000)")
     a("--no-ema", action="store_true", help="score the raw weights instead of their moving average")
     a("--sweep", action="store_true",
       help="score every --grid entry with EMA and raw weights, plot FID vs NFE")
     a("--grid", nargs="+", help=f"SAMPLER:STEPS[:ETA] entries for --sweep ({' '.join(GRID)})")
-    a("--guidance", type=float, help=f"conditional models: guidance scale w ({GUIDANCE:g})")
-    a("--guidance-sweep", type=float, nargs="+", metavar="W",
+    a("--guidance", type=finite, help=f"conditional models: guidance scale w ({GUIDANCE:g})")
+    a("--guidance-sweep", type=finite, nargs="+", metavar="W",
       help="conditional models: score each guidance scale, plot FID and accuracy against it")
-    a("--autoguidance", type=float, metavar="W",
+    a("--autoguidance", type=finite, metavar="W",
       help=f"guide the model with the early EMA its checkpoint keeps, at scale W; 0: off "
            f"({AUTOGUIDANCE:g} where the checkpoint keeps one, else 0)")
     a("--guide", metavar="PATH",
@@ -96,11 +100,12 @@ def build_parser():
     a("--bpd", action="store_true",
       help="instead of sampling: the test set's negative log-likelihood bound in bits/dim, "
            "estimated over all of it and exact on --bpd-exact images")
-    a("--bpd-exact", type=int, default=100, metavar="N",
+    a("--bpd-exact", type=whole(0, MAX_IMAGES), default=100, metavar="N",
       help="--bpd: test images whose whole bound is computed, T network evaluations each "
            "(100; 0 skips)")
     a("--seed", type=seed, default=0, help="seed for generation and for the real-image subset (0)")
-    a("--batch-size", type=int, help="images generated at once (64 on CPU, 1000 on GPU)")
+    a("--batch-size", type=whole(1, MAX_BATCH),
+      help="images generated at once (64 on CPU, 1000 on GPU)")
     a("--data-dir", default="data", help="where Fashion-MNIST is (data)")
     a("--classifier-dir", help="where classifier.pt is cached (checkpoints)")
     a("--output-dir", default="output", help="where eval.json and fid_vs_steps.png go (output)")
@@ -164,7 +169,6 @@ def likelihood(args, ckpt, device):
                 if getattr(args, k) not in (None, False)]
     check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop "
                         f"{', '.join(sampling)}")
-    check(args.bpd_exact >= 0, f"--bpd-exact must be 0 (skip) or more, got {args.bpd_exact}")
     check(ckpt["distillation"] is None,
           "--bpd: a distilled student has learned its own few steps, not the reverse process the "
           "bound is made of; score its teacher")
@@ -206,15 +210,12 @@ def likelihood(args, ckpt, device):
 
 
 def run(args):
-    check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be positive, got "
-                                                          f"{args.batch_size}")
     check(len(args.checkpoint) == 1 or args.sweep, "only --sweep compares several checkpoints: add "
                                                    "it, or give one --checkpoint")
     if args.bpd:
         return likelihood(args, load_checkpoint(args.checkpoint[0]), pick_device(args.device))
     args.n = 10000 if args.n is None else args.n  # defaults filled after --bpd has refused them
     args.classifier_dir = args.classifier_dir or "checkpoints"
-    check(args.n >= 2, f"--n must be at least 2 (a covariance needs two images), got {args.n}")
     device = pick_device(args.device)
     ckpts = {path: load_checkpoint(path) for path in args.checkpoint}
     kinds = {ckpt["config"]["model"].get("num_classes", 0) > 0 for ckpt in ckpts.values()}

@@ -13,6 +13,7 @@ from data import CLASSES, to_model_range
 from files import atomic_save
 
 CLASSIFIER_FORMAT = "fashion-mnist-classifier/2"
+NEIGHBOURS = 3  # k of precision and recall's k-NN balls: a set of fewer than k + 1 has none
 CLASSIFIER_SETTINGS = {"epochs": 5, "seed": 0, "batch_size": 128, "lr": 3e-3, "features": 128}
 
 
@@ -155,7 +156,7 @@ def _covered(points, centres, radii, chunk=1000):
                       for i in range(0, len(points), chunk)])
 
 
-def precision_recall(real, fake, k=3):
+def precision_recall(real, fake, k=NEIGHBOURS):
     """Improved precision and recall, Kynkaanniemi et al. 2019: the share of fake samples inside the
     real k-NN manifold, and of real samples inside the fake one."""
     real, fake = real.float(), fake.float()

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from checkpoint import build_guide, build_model, load_checkpoint
-from cli import ArgumentParser, check, check_output, check_writable, is_npz, run_command, seed
+from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, check, check_output, check_writable,
+                 finite, is_npz, run_command, seed, whole)
 from data import parse_class
 from device import pick_device
 from figures import draw_pictures, picture_labels, save_labelled
@@ -47,16 +48,16 @@ def build_parser():
     a = p.add_argument
     a("--checkpoint", default="checkpoints",
       help="checkpoint file, or folder to take the newest from (checkpoints)")
-    a("--n", type=int, default=64, help="number of images to draw (64)")
+    a("--n", type=whole(1, MAX_IMAGES), default=64, help="number of images to draw (64)")
     a("--seed", type=seed, default=0,
       help="seed for the starting noise and every sampling step (0)")
     a("--sampler", choices=sorted(SAMPLERS),
       help=f"reverse-process sampler ({SamplerConfig.sampler}; a distilled student: its own)")
     a("--steps", type=int,
       help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20)")
-    a("--eta", type=float,
+    a("--eta", type=finite,
       help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (ddim: 0, dpm++: 1)")
-    a("--batch-size", type=int,
+    a("--batch-size", type=whole(1, MAX_BATCH),
       help="images generated at once (default: 64 on a CPU, 1000 on a GPU)")
     a("--output-dir", default="output",
       help="where samples.png (and denoising.png) are written (output)")
@@ -67,9 +68,9 @@ def build_parser():
            "batch by batch")
     a("--class", dest="class_", metavar="CLASS",
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
-    a("--guidance", type=float,
+    a("--guidance", type=finite,
       help=f"conditional models: classifier-free guidance scale w ({GUIDANCE:g})")
-    a("--autoguidance", type=float, metavar="W",
+    a("--autoguidance", type=finite, metavar="W",
       help=f"guide the model with the early EMA its checkpoint keeps, at scale W; 0: off "
            f"({AUTOGUIDANCE:g} where the checkpoint keeps one, else 0)")
     a("--unconditional", action="store_true",
@@ -83,9 +84,6 @@ def build_parser():
 
 
 def run(args):
-    check(args.n > 0, f"--n must be a positive number of images, got {args.n}")
-    check(args.batch_size is None or args.batch_size > 0, f"--batch-size must be positive, got "
-                                                          f"{args.batch_size}")
     check(args.guidance is None or args.guidance >= 0,
           f"--guidance must be 0 (conditional model alone) or more, got {args.guidance}")
     device = pick_device(args.device)

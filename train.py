@@ -12,7 +12,8 @@ import time
 import torch.distributed as dist
 
 from checkpoint import make_checkpoint, open_checkpoint, save_checkpoint
-from cli import ArgumentParser, Diverged, check, check_writable, run_command, seed
+from cli import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, ArgumentParser, Diverged, check,
+                 check_writable, finite, run_command, seed, whole)
 from config import LR_SCHEDULES, MEMORY_FORMATS, PRECISIONS, resolve_configs, validate
 from data import load_fashion_mnist, prepare_fashion_mnist
 from device import tf32
@@ -30,19 +31,19 @@ def build_parser():
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
     a("--preset", choices=["auto", "cpu", "gpu"], help="the defaults (auto: gpu on CUDA, else cpu)")
-    a("--epochs", type=int, help="passes over the 60k training images, instead of --steps (gpu preset: 40)")
-    a("--steps", type=int, help="optimizer steps in the run, instead of --epochs or the cpu "
-                                "preset's --plan-minutes (0: use --epochs)")
-    a("--batch-size", type=int, help="images per step and process (preset); fixed for a run")
-    a("--lr", type=float, help="Adam learning rate after warm-up (preset)")
-    a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up (200)")
+    a("--epochs", type=whole(1, MAX_STEPS), help="passes over the 60k training images (gpu preset: 40)")
+    a("--steps", type=whole(0, MAX_STEPS), help="optimizer steps in the run, instead of --epochs or "
+                                                "the cpu preset's --plan-minutes (0: use --epochs)")
+    a("--batch-size", type=whole(1, MAX_BATCH), help="images per step and process (preset); fixed")
+    a("--lr", type=finite, help="Adam learning rate after warm-up (preset)")
+    a("--warmup-steps", type=whole(0, MAX_STEPS), help="steps of linear learning-rate warm-up (200)")
     a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up: constant, or decay to 0 at the "
                                                   "last step (preset)")
     a("--timesteps", type=int, help="diffusion steps T (1000)")
     a("--schedule", choices=SCHEDULES, help="beta schedule (cpu preset: cosine; gpu: linear)")
     a("--prediction", choices=PREDICTIONS, help="network target: the noise eps, or v "
                                                 "(Salimans & Ho 2022) (eps)")
-    a("--min-snr-gamma", type=float, help="min(SNR, gamma) loss weights (Hang et al. 2023); 0: off (0)")
+    a("--min-snr-gamma", type=finite, help="min-SNR-gamma loss weights (Hang et al. 2023); 0: off (0)")
     a("--variance", choices=VARIANCES, help="reverse-process variance: beta~_t, beta_t, or "
                                             "learned (fixed_small)")
     a("--loss", choices=LOSSES, help="L_simple; L_hybrid (learned variance); L_vlb, "
@@ -51,32 +52,32 @@ def build_parser():
     a("--channel-mults", type=int, nargs="+", help="channel multiplier per resolution level (preset)")
     a("--num-res-blocks", type=int, help="residual blocks per level (preset)")
     a("--attn-resolutions", type=int, nargs="*", help="feature-map sizes with self-attention (preset)")
-    a("--dropout", type=float, help="dropout in residual blocks, in [0, 1) (preset)")
-    a("--grad-clip", type=float, help="clip the gradient's global norm to this; 0: off (1.0)")
+    a("--dropout", type=finite, help="dropout in residual blocks, in [0, 1) (preset)")
+    a("--grad-clip", type=finite, help="clip the gradient's global norm to this; 0: off (1.0)")
     a("--conditional", action=argparse.BooleanOptionalAction,
       help="class-conditional model, for guidance (cpu preset: conditional; gpu: not)")
-    a("--cond-drop", type=float, help="conditional models: share of labels dropped to 'no class' (0.1)")
-    a("--ema-decay", type=float, help="decay of the weights' sampled moving average (0.999)")
-    a("--ema-power", type=float, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: "
+    a("--cond-drop", type=finite, help="conditional models: share of labels dropped as 'no class' (0.1)")
+    a("--ema-decay", type=finite, help="decay of the weights' sampled moving average (0.999)")
+    a("--ema-power", type=finite, help="EMA warm-up (1+n)/(power+2+n) after n steps; higher: "
                                       "shorter average (cpu preset: 4; gpu: 8)")
-    a("--guide-fraction", type=float, help="keep the EMA this far into the run as autoguidance's "
+    a("--guide-fraction", type=finite, help="keep the EMA this far into the run as autoguidance's "
                                            "guide (cpu preset: 0.3; gpu: 0, none)")
     a("--seed", type=seed, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
     a("--checkpoint-dir", help="where checkpoints go (checkpoints; with --resume, the folder resumed from)")
     a("--output-dir", default="output", help="where the PNGs and loss.csv are written (output)")
-    a("--checkpoint-every", type=int, help="steps between checkpoints (500)")
-    a("--log-every", type=int, help="steps between progress-bar loss updates (50)")
+    a("--checkpoint-every", type=whole(1, MAX_STEPS), help="steps between checkpoints (500)")
+    a("--log-every", type=whole(1, MAX_STEPS), help="steps between progress-bar loss updates (50)")
     a("--resume", metavar="PATH", help="continue the run saved in this checkpoint (file or folder)")
     a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds a "
                                                "run, replacing it")
-    a("--max-steps", type=int, help="stop at this step, checkpoint and sample (0: no limit); this "
-                                    "command only")
-    a("--plan-minutes", type=float, help="a new run's length: the most steps, a multiple of "
+    a("--max-steps", type=whole(0, MAX_STEPS), help="stop at this step, checkpoint and sample (0: no "
+                                                    "limit); this command only")
+    a("--plan-minutes", type=finite, help="a new run's length: the most steps, a multiple of "
                                          f"{PLAN_STEPS}, that the step rate measured as it starts "
                                          "trains in this many minutes (cpu preset: 25; 0: off)")
-    a("--max-minutes", type=float, help="a new run: measure the step rate, then set --steps so "
+    a("--max-minutes", type=finite, help="a new run: measure the step rate, then set --steps so "
                                         "that the run and its learning-rate schedule end within "
                                         "this many minutes; a resumed run: stop after them "
                                         "(0: no limit); this command only")
@@ -86,7 +87,7 @@ def build_parser():
                                                       "on a CPU in fp32, else contiguous (preset: auto)")
     a("--compile", action=argparse.BooleanOptionalAction,
       help="torch.compile for training (off); this command only")
-    a("--sample-n", type=int, default=64, help="images in the final samples.png (64; 0 skips sampling)")
+    a("--sample-n", type=whole(0, MAX_IMAGES), default=64, help="images in samples.png (64; 0: none)")
     return p
 
 

@@ -13,6 +13,9 @@ from torch import nn
 
 GROUPS = 8  # GroupNorm groups; every channel count must divide by it
 HEAD_DIM = 32  # channels per attention head
+# bounds against typos, checked before anything is built: past them even planning the model (its
+# parameter count, on the meta device) takes minutes or overflows
+MAX_RES_BLOCKS, MAX_CHANNELS = 100, 2**20
 
 
 def attention_heads(channels):
@@ -46,8 +49,12 @@ class UNetConfig:
         if self.image_size % 2 ** (len(self.channel_mults) - 1):
             raise ValueError(f"image_size {self.image_size} cannot be halved "
                              f"{len(self.channel_mults) - 1} times exactly")
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
+        if not 1 <= self.num_res_blocks <= MAX_RES_BLOCKS:
+            raise ValueError(f"num_res_blocks must be from 1 to {MAX_RES_BLOCKS}, "
+                             f"got {self.num_res_blocks}")
+        if self.width * max(self.channel_mults) > MAX_CHANNELS:
+            raise ValueError(f"width {self.width} x channel_mults {self.channel_mults}: a level of "
+                             f"more than {MAX_CHANNELS} channels")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes < 0:

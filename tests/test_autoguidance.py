@@ -125,7 +125,7 @@ def test_a_guide_that_is_not_a_table_is_damaged(good_checkpoint, tmp_path, fails
     assert "its guide weights are not a table" in err
 
 
-@pytest.mark.parametrize("fraction", ["-0.1", "1", "nan"])
+@pytest.mark.parametrize("fraction", ["-0.1", "1", "1e20"])
 def test_a_guide_fraction_outside_0_1_is_refused(cli, fraction):
     r = cli.run("train.py", "--steps", "4", "--guide-fraction", fraction)
     assert r.returncode == 2 and "--guide-fraction must be in [0, 1)" in r.stderr

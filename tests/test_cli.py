@@ -110,8 +110,8 @@ def test_the_suite_hides_cuda_from_itself_and_every_process_it_starts(cli):
 def test_bench_flags_are_checked_like_every_other_command(fails, tmp_path):
     import bench
 
-    assert "--steps and --warmup must be positive" in fails(bench, ["--steps", "0", "--json", tmp_path / "b.json"])
-    assert "--sample-n must be positive" in fails(bench, ["--sample-n", "-2", "--json", tmp_path / "b.json"])
+    assert "--steps: must be a whole number from 1 to" in fails(bench, ["--steps", "0", "--json", tmp_path / "b.json"])
+    assert "--sample-n: must be a whole number from 1 to" in fails(bench, ["--sample-n", "-2", "--json", tmp_path / "b.json"])
     assert not (tmp_path / "b.json").exists()
 
 

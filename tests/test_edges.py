@@ -10,12 +10,15 @@ import PIL.Image
 import pytest
 import torch
 
+import bench
+import cli
 import distill
 import evaluate
 import figures
 import sample
 import train
 from checkpoint import build_model, load_checkpoint
+from conftest import TINY_FLAGS
 from samplers import SamplerConfig, generate
 from unet import UNet
 
@@ -48,9 +51,19 @@ def test_a_typo_of_a_schedule_is_refused_before_it_is_made(tmp_path, fails):
 
 
 def test_a_model_larger_than_the_machine_is_refused_before_it_is_built(cli):
-    r = cli.run("train.py", "--width", "1048576", "--steps", "1")
+    r = cli.run("train.py", "--width", "65536", "--steps", "1")
     assert r.returncode == 2 and "GiB for its weights, EMA, gradients and Adam alone" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (cli.ckpt / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--width", "100000000000000000000"], "a level of more than 1048576 channels"),
+    (["--channel-mults", "1", "100000000000000000000"], "a level of more than 1048576 channels"),
+    (["--num-res-blocks", "100000000000000000000"], "num_res_blocks must be from 1 to 100"),
+])
+def test_a_model_too_large_even_to_plan_is_refused_at_once(cli, flags, message):
+    r = cli.run("train.py", *flags, "--steps", "1")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_a_checkpoint_config_that_claims_more_than_its_weights_is_refused(good_checkpoint, tmp_path, fails):
@@ -115,3 +128,51 @@ def test_pictures_keep_only_the_images_they_show(tiny_config, tmp_path, monkeypa
     expected = [i for i in range(n) if i % per_class < (16 if num_classes else 256)]
     assert shown[:, 0, 0, 0].long().tolist() == expected
     assert not any(ref() is not None for ref in made)
+
+
+# ---------------------------------------------------------------------------- every numeric flag
+COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate, "distill": distill, "bench": bench}
+
+
+def numeric_flags(kind):
+    """(command, flag) of every flag taking whole numbers (kind "whole") or real ones ("real")."""
+    return [(name, a.option_strings[-1]) for name, m in COMMANDS.items() for a in m.build_parser()._actions
+            if a.option_strings and a.type not in (None, str, cli.seed)
+            and (a.type is cli.finite) == (kind == "real")]
+
+
+def test_every_numeric_flag_is_found():
+    assert len(numeric_flags("whole")) == 31 and len(numeric_flags("real")) == 19
+
+
+@pytest.mark.parametrize("command, flag", numeric_flags("whole") + numeric_flags("real"))
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_inf_are_refused_by_every_numeric_flag_as_it_is_read(command, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        COMMANDS[command].build_parser().parse_args([f"{flag}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and f"argument {flag}:" in err, err
+
+
+class Reached(Exception):
+    """The command got past every check, to its first piece of real work."""
+
+
+@pytest.mark.parametrize("command, flag", numeric_flags("whole"))
+def test_a_20_digit_count_is_refused_in_one_line_before_any_work(command, flag, cli, good_checkpoint, fails,
+                                                               monkeypatch, tmp_path):
+    def reach(*args, **kw):
+        raise Reached
+    for name in ("train.train", "train.plan_length", "sample.draw", "evaluate.load_fashion_mnist",
+                 "distill.load_fashion_mnist", "bench.preset_configs"):
+        monkeypatch.setattr(name, reach)
+    where = {"train": ["--data-dir", cli.data, "--checkpoint-dir", cli.ckpt, *TINY_FLAGS],
+             "sample": ["--checkpoint", good_checkpoint], "evaluate": ["--checkpoint", good_checkpoint],
+             "distill": ["--teacher", good_checkpoint, "--checkpoint-dir", cli.ckpt, "--teacher-steps", "8",
+                         "--to-steps", "4"],
+             "bench": ["--json", tmp_path / "b.json"]}[command]
+    output = [] if command == "bench" else ["--output-dir", cli.out]
+    err = fails(COMMANDS[command], [*where, *output, f"{flag}=100000000000000000000"])
+    assert "100000000000000000000" in err and not cli.out.exists()
+    # distill.py makes its folder before it reads the rounds saved there: an empty one may stay
+    assert not cli.ckpt.exists() or not any(cli.ckpt.rglob("*.pt"))
