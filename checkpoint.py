@@ -5,11 +5,13 @@ files.py's; the folder a run writes, its lock and who may write there, folders.p
 import pickle
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from cli import UserError, first_line
+from config import PER_COMMAND, TrainConfig
 from diffusion import Diffusion, DiffusionConfig
 from files import atomic_save
 from samplers import SamplerConfig
@@ -248,7 +250,40 @@ def _upgrade(ckpt, path):
     _check_student(ckpt["distillation"], path, ckpt["config"]["diffusion"].get("timesteps", 1000))
     if not isinstance(ckpt.get("guide"), (dict, type(None))):
         raise Damaged(f"checkpoint {path} is damaged: its guide weights are not a table")
+    _typed(ckpt, path)
     return ckpt
+
+
+def _fits(value, default):
+    """Whether a config value has the type of its field's default (an int where a float goes)."""
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
+    if type(default) is float:
+        return type(value) in (int, float)
+    return type(value) is type(default)
+
+
+def _typed(ckpt, path):
+    """Refuse a config field, the history or the process count of the wrong type: a string where a
+    number goes would fail far from here, in arithmetic, as a traceback."""
+    for section, cls in (("model", UNetConfig), ("diffusion", DiffusionConfig),
+                         ("train", TrainConfig)):
+        table = ckpt["config"][section]
+        for field in (f for f in fields(cls) if f.name not in PER_COMMAND):
+            if field.name not in table:
+                raise Damaged(f"checkpoint {path} is damaged: its config lacks "
+                              f"{section}.{field.name}")
+            if not _fits(table[field.name], field.default):
+                raise Damaged(f"checkpoint {path} is damaged: its config's {section}.{field.name} "
+                              f"is {table[field.name]!r}, not of type "
+                              f"{type(field.default).__name__}")
+    history, ranks = ckpt.get("history", []), ckpt.get("world_size", 1)
+    if not (isinstance(history, list) and all(isinstance(h, (list, tuple)) and len(h) == 3
+                                              for h in history)):
+        raise Damaged(f"checkpoint {path} is damaged: its loss history is not (step, epoch, "
+                      f"loss) rows")
+    if not (type(ranks) is int and ranks >= 1):
+        raise Damaged(f"checkpoint {path} is damaged: its process count is {ranks!r}")
 
 
 def _checked(ckpt, path):

@@ -1,7 +1,7 @@
 """The checkpoint format, in one place: what each version holds, every older version read (the files
 in tests/fixtures/ were written by the code of their version), the upgrade of each, the newest and
 previous file, atomic saves, and refusals of what cannot be read."""
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,10 @@ import checkpoint
 from checkpoint import FORMAT, VERSION, build_model, load_checkpoint, save_checkpoint
 from cli import WriteError
 from config import TrainConfig, resolve_configs
+from diffusion import DiffusionConfig
 from methods import student_sampler
 from samplers import SamplerConfig
+from unet import UNetConfig
 from test_distill import distil
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -77,7 +79,8 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_ru
 
 def test_save_keeps_the_previous_checkpoint(tmp_path):
     minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "ema_updates": 0, "optimizer": {},
-               "config": {"model": {}, "diffusion": {}}, "epoch": 0, "history": [], "distillation": None}
+               "config": {"model": asdict(UNetConfig()), "diffusion": asdict(DiffusionConfig()),
+                          "train": TrainConfig().recipe()}, "epoch": 0, "history": [], "distillation": None}
     save_checkpoint({**minimal, "step": 1}, tmp_path)
     save_checkpoint({**minimal, "step": 2}, tmp_path)
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2

@@ -1,6 +1,7 @@
 """Numbers at their edges and resource bombs: every --seed takes what `date +%s%N` prints and refuses
 in one line what torch's generators cannot hold; a schedule, a model or a checkpoint's config too
 large for the machine is refused before its memory is allocated; a large --n streams to disk."""
+import copy
 import gc
 import weakref
 from dataclasses import replace
@@ -88,6 +89,45 @@ def test_a_step_or_epoch_that_is_not_a_count_is_damaged_and_gives_way_to_the_pre
     torch.save({**ckpt, field: value}, tmp_path / "ckpt.pt")
     err = fails(sample, ["--checkpoint", tmp_path, "--output-dir", tmp_path / "out"])
     assert "is damaged: its step and epoch" in err
+    (tmp_path / "ckpt.prev.pt").write_bytes(good_checkpoint.read_bytes())
+    assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
+
+
+def _set(ckpt, where, value):
+    """ckpt with the field at dotted path `where` set to value (or removed if value is DROP)."""
+    *parents, last = where.split(".")
+    table = ckpt
+    for key in parents:
+        table = table[key]
+    if value is DROP:
+        del table[last]
+    else:
+        table[last] = value
+    return ckpt
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("config.model.width", "8", "its config's model.width is '8', not of type int"),
+    ("config.model.channel_mults", 2, "model.channel_mults is 2, not of type tuple"),
+    ("config.model.num_classes", 10.5, "model.num_classes is 10.5, not of type int"),
+    ("config.model.width", DROP, "its config lacks model.width"),
+    ("config.diffusion.timesteps", "20", "diffusion.timesteps is '20', not of type int"),
+    ("config.diffusion.schedule", 3, "diffusion.schedule is 3, not of type str"),
+    ("config.train.lr", "0.1", "train.lr is '0.1', not of type float"),
+    ("config.train.batch_size", None, "train.batch_size is None, not of type int"),
+    ("history", "abc", "its loss history is not (step, epoch, loss) rows"),
+    ("world_size", "1", "its process count is '1'"),
+])
+def test_a_field_of_the_wrong_type_is_damaged_and_gives_way_to_the_previous_file(
+        good_checkpoint, tmp_path, fails, where, value, message):
+    ckpt = torch.load(good_checkpoint, weights_only=True)
+    torch.save(_set(copy.deepcopy(ckpt), where, value), tmp_path / "ckpt.pt")
+    for module, argv in ((sample, ["--checkpoint", tmp_path]), (train, ["--resume", tmp_path])):
+        err = fails(module, [*argv, "--output-dir", tmp_path / "out"])
+        assert "is damaged" in err and message in err, err
     (tmp_path / "ckpt.prev.pt").write_bytes(good_checkpoint.read_bytes())
     assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
 
