@@ -79,27 +79,23 @@ def test_no_data_and_a_read_only_data_folder_is_one_line(tmp_path, read_only, mo
 
 @pytest.mark.slow
 def test_a_read_only_checkpoint_folder_samples_and_scores(cli, read_only, tmp_path):
+    """And the evaluation classifier: refused in one line where a new one cannot be written, read
+    from a read-only folder once cached."""
     assert cli.run("train.py", "--max-steps", "2", "--sample-n", "0").returncode == 0
     before = snapshot(cli.ckpt)
     r = read_only([cli.ckpt], cli.command("sample.py", "--n", "4", "--steps", "2", "--save-npz", tmp_path / "s.npz"))
     assert r.returncode == 0 and (tmp_path / "s.npz").is_file(), r.stderr
+    (tmp_path / "cls").mkdir()
     evaluate = [sys.executable, ROOT / "evaluate.py", "--checkpoint", cli.ckpt, "--data-dir", cli.data,
                 "--n", "20", "--steps", "2", "--output-dir", cli.out, "--classifier-dir", tmp_path / "cls"]
+    r = read_only([cli.ckpt, tmp_path / "cls"], evaluate, env=cli.env)
+    assert f"cannot write to {tmp_path / 'cls'}/ (Read-only file system)" in one_line_error(r)
+    assert not (cli.out / "eval.json").exists()
     r = read_only([cli.ckpt], evaluate, env=cli.env)
     assert r.returncode == 0 and "cached in" in r.stdout, r.stderr
     r = read_only([cli.ckpt, tmp_path / "cls"], evaluate, env=cli.env)  # the cached classifier is only read
     assert r.returncode == 0 and "trained the evaluation classifier" not in r.stdout, r.stderr
     assert snapshot(cli.ckpt) == before
-
-
-def test_a_classifier_to_train_in_a_read_only_folder_is_one_line(cli, read_only, tmp_path):
-    assert cli.run("train.py", "--max-steps", "1", "--sample-n", "0").returncode == 0
-    (tmp_path / "cls").mkdir()
-    r = read_only([tmp_path / "cls"], [sys.executable, ROOT / "evaluate.py", "--checkpoint", cli.ckpt, "--data-dir",
-                                       cli.data, "--n", "20", "--output-dir", cli.out, "--classifier-dir",
-                                       tmp_path / "cls"], env=cli.env)
-    assert f"cannot write to {tmp_path / 'cls'}/ (Read-only file system)" in one_line_error(r)
-    assert not (cli.out / "eval.json").exists()
 
 
 def test_resuming_in_a_read_only_folder_is_one_line_naming_the_fix(cli, read_only, tmp_path):
