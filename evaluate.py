@@ -23,7 +23,8 @@ from device import pick_device
 from figures import plot_guidance, plot_sweep
 from files import atomic_write
 from metrics import NEIGHBOURS, embed, load_classifier, score
-from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided, generate
+from samplers import (AUTOGUIDANCE, GUIDANCE, SAMPLERS, EpsScaled, SamplerConfig, autoguided,
+                      generate)
 
 # ETA left out: the sampler's default, what sample.py draws with (dpm++: 1, the SDE form; ddim: 0).
 GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20:0", "dpm++:10:0",
@@ -95,6 +96,9 @@ def build_parser():
     a("--guide", metavar="PATH",
       help="--autoguidance: guide with this checkpoint's EMA (an earlier or smaller model of the "
            "same kind) instead of the guide the checkpoint keeps")
+    a("--eps-scale", type=finite, metavar="F",
+      help="eps-prediction models: divide the eps predicted by F at sampling (epsilon scaling, "
+           "Ning et al. 2024; 1.002-1.01 in the paper)")
     a("--unconditional", action="store_true",
       help="conditional models: sample with the 'no class' token, as an unconditional model would")
     a("--bpd", action="store_true",
@@ -229,7 +233,8 @@ def run(args):
             for entry in plan(args, ckpt["config"]["diffusion"]["timesteps"], conditional,
                               len(ckpts) == 1, ckpt["distillation"])]
     guide = load_guide(args.guide) if args.guide else None
-    models = {(path, w): with_guide(ckpts[path], device, w, args.autoguidance, guide)
+    models = {(path, w): eps_scaled(with_guide(ckpts[path], device, w, args.autoguidance, guide),
+                                    args.eps_scale, ckpts[path]["distillation"])
               for path, w, *_ in runs}
     out = check_writable(args.output_dir, "--output-dir")
     (train_x, train_y), test = (load_fashion_mnist(args.data_dir),
@@ -280,6 +285,19 @@ def with_guide(ckpt, device, weights, w, other=None):
     return model, diffusion, w
 
 
+def eps_scaled(built, factor, student):
+    """(model, diffusion, w) with the model's eps divided by --eps-scale `factor` (None: as is)."""
+    if factor is None:
+        return built
+    model, diffusion, w = built
+    check(diffusion.config.prediction == "eps" and not student,
+          "--eps-scale scales an eps prediction, and this checkpoint predicts "
+          f"{'v (a distilled student)' if student else diffusion.config.prediction}: "
+          f"drop --eps-scale")
+    check(factor > 0, f"--eps-scale must be above 0 (about 1.005), got {factor}")
+    return EpsScaled(model, factor), diffusion, w
+
+
 def score_real(args, classifier, train_x, train_y, test, conditional):
     """(the test set's features, the row of --n real train images scored against them, the seconds
     that scoring took): the floor a perfect generator would reach."""
@@ -310,10 +328,12 @@ def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifi
     eta = f" eta={sampler.eta:g}" if sampler.eta is not None else ""
     name = (f"{sampler.sampler}-{sampler.steps}{eta}{' student' * bool(student)} {weights}"
             + (f" w={guidance:g}" if conditional else "")
-            + (f" ag={autoguidance:g}" if autoguidance else ""))
+            + (f" ag={autoguidance:g}" if autoguidance else "")
+            + (f" eps/{args.eps_scale:g}" if args.eps_scale is not None else ""))
     name = f"{path} {name}" if len(ckpts) > 1 else name
     return {"name": name, "checkpoint": path, **sampler.to_dict(), "student": bool(student),
             "weights": weights, "guidance": guidance, "autoguidance": autoguidance,
+            "eps_scale": args.eps_scale,
             "nfe": len(steps_seen),
             "images_per_s": args.n / seconds,
             **score(*embed(classifier, images), reference, labels, test_y)}

@@ -177,11 +177,34 @@ def sample_dpmpp_2m(model, diffusion, noise, steps=None, generator=None, callbac
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp_2m}
+def renoise(x0, abar_s, z):
+    """A fresh draw of q(x_s | x_0) = N(sqrt(abar_s) x_0, (1 - abar_s) I) with noise z (eq. 4 of Ho
+    et al. 2020): how a few-step generator passes its x_0 on to its next step. [B, C, H, W]."""
+    return abar_s.sqrt() * x0 + (1 - abar_s).sqrt() * z
+
+
+@torch.no_grad()
+def sample_renoise(model, diffusion, noise, steps=None, generator=None, callback=None,
+                   grid="time"):
+    """Multistep sampling of a few-step generator (Song et al. 2023, Algorithm 1; DMD2, sec. 4.3
+    of Yin et al. 2024): the model's x_0 at each timestep of the grid, then renoise() with fresh
+    noise to the next one; of x_t nothing but that x_0 is carried on."""
+    x = noise
+    for i, t, s, abar_t, abar_s in _schedule(diffusion, steps, grid):
+        _, x0, _ = diffusion.predict(model, x, t)
+        x = x0 if s < 0 else renoise(x0, abar_s, torch.randn(x.shape, generator=generator,
+                                                             device=x.device, dtype=x.dtype))
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp_2m,
+            "renoise": sample_renoise}
 GRIDS = ("time", "even", "logsnr")
 # Each sampler's defaults: its steps (None: all T), its eta (None: it takes none) and its grid.
 SAMPLER_DEFAULTS = {"ddpm": (None, None, "time"), "ddim": (50, 0.0, "time"),
-                    "dpm++": (20, 1.0, "logsnr")}
+                    "dpm++": (20, 1.0, "logsnr"), "renoise": (4, None, "time")}
 
 
 @dataclass(frozen=True)
@@ -212,14 +235,17 @@ class SamplerConfig:
         `timesteps` steps; a flag that cannot apply is a UserError. own: a distilled student's
         SamplerConfig, the only one it samples with: a flag that would change it is refused."""
         if own is not None:
-            check(sampler is None and eta is None,
+            # renoise: the student's own x_0 on its own grid, with fresh noise between its steps
+            check(sampler in (None, own.sampler, "renoise") and eta is None,
                   f"this checkpoint is a student distilled to sample in {own.steps} steps with its "
-                  f"own sampler ({own.describe()}): drop --sampler, --eta")
+                  f"own sampler ({own.describe()}): drop --sampler (or give renoise, its x_0 "
+                  f"with fresh noise between its steps) and --eta")
             check(steps in (None, own.steps),
                   f"this student was distilled for {own.steps} steps and cannot take {steps}: "
                   f"other counts lie off the grid it learned; drop --steps, or take the student "
                   f"for {steps} beside it")
-            return own
+            return own if sampler in (None, own.sampler) else cls("renoise", own.steps, None,
+                                                                  own.grid)
         sampler = sampler or cls.sampler
         check(eta is None or SAMPLER_DEFAULTS[sampler][1] is not None,
               f"--eta applies to ddim and dpm++, not {sampler}")
@@ -277,6 +303,21 @@ def extrapolate(strong, weak, w, c):
     guidance here shares; a learned variance, after channel c, is the strong prediction's own
     (GLIDE, sec. 2.3). eps is affine in x0 with the same coefficients, so guiding it guides x0."""
     return torch.cat([strong[:, :c] + w * (strong[:, :c] - weak[:, :c]), strong[:, c:]], dim=1)
+
+
+class EpsScaled(torch.nn.Module):
+    """Epsilon scaling (Ning et al. 2024, eq. 13 with a constant lambda): an eps-prediction model's
+    eps divided by `factor` (a little above 1) at sampling, against the exposure bias that makes
+    the eps of a sampler's own x_t too large. Called as the model it wraps."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor, self.config = model, factor, model.config
+
+    def forward(self, x, t, labels=None):
+        out = self.model(x, t, labels)
+        c = x.shape[1]  # a learned variance, after channel c, is not an eps
+        return torch.cat([out[:, :c] / self.factor, out[:, c:]], dim=1)
 
 
 # default autoguidance scale: guiding the model with the early EMA its checkpoint keeps (the

@@ -312,3 +312,13 @@ def test_sampling_runs_without_tf32_whoever_calls_it(tiny_config):
         samplers.generate(model, Diffusion(DiffusionConfig(10)), 2, sampler=SamplerConfig("ddpm", 2), progress=False)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored afterwards
     assert seen == [False, False]
+
+
+def test_epsilon_scaling_divides_the_eps_channels_alone(tiny_config):
+    """Ning et al. 2024's eps / lambda; a learned variance's channels are not an eps and stay."""
+    model = lambda x, t, y=None: torch.cat([x + 1, x - 1], dim=1)
+    model.config = tiny_config
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([3, 7])
+    out = samplers.EpsScaled(model, 1.25)(x, t)
+    assert_close(out[:, :1], (x + 1) / 1.25)
+    assert_close(out[:, 1:], x - 1)

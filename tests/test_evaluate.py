@@ -114,6 +114,8 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
     (["--autoguidance", "nan"], "argument --autoguidance: must be a finite number"),
     (["--autoguidance", "-1"], "--autoguidance must be 0 (off) or more"),
     (["--guide", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
+    (["--eps-scale", "0"], "--eps-scale must be above 0"),
+    (["--eps-scale", "inf"], "argument --eps-scale: must be a finite number"),
 ])
 def test_evaluate_bad_arguments(args, message, good_checkpoint, tmp_path, fails):
     err = fails(evaluate, ["--checkpoint", good_checkpoint, "--output-dir", tmp_path / "o", "--sweep", *args])
