@@ -18,7 +18,7 @@ from samplers import SamplerConfig
 from unet import UNet, UNetConfig, planned_parameters
 
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 9  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 10  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
@@ -36,13 +36,15 @@ def save_checkpoint(ckpt, folder):
 
 
 def make_checkpoint(part, diffusion, train_config, state, world_size, importance=None,
-                    distillation=None):
+                    distillation=None, others=()):
     """Everything needed to rebuild the model (configs as plain types) and to resume exactly.
 
     part: the training.Part trained (model, Adam, EMA); state: the loop's (step, epoch, history).
     Random draws need no saved state: the loop derives each step's from (seed, step, rank).
     importance: L_vlb's timestep sampler, whose history resuming needs. distillation: a distilled
     student's record (distill.py): its sampler, its round, and its teacher, weights included.
+    others: the method's other training.Parts (a critic), whose weights and Adam state resuming
+    needs and sampling does not.
     """
     model, ema = part.model, part.ema
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(),
@@ -54,7 +56,9 @@ def make_checkpoint(part, diffusion, train_config, state, world_size, importance
                        "train": train_config},
             "world_size": world_size,  # data order and steps depend on the process count
             "guide": ema.kept,  # autoguidance's guide: the EMA early in the run, or None
-            "distillation": distillation}
+            "distillation": distillation,
+            "parts": [{"model": o.model.state_dict(), "optimizer": o.optimizer.state_dict()}
+                      for o in others]}
 
 
 # ---------------------------------------------------------------------------- reading
@@ -142,16 +146,6 @@ def _with_train_fields(ckpt, frozen):
     return {**ckpt, "config": {**config, "train": {**frozen, **config["train"]}}}
 
 
-def _from_v3(ckpt):
-    """4 added the learning-rate decay, the EMA's power, steps and the memory format."""
-    return _with_train_fields(ckpt, V3_TRAIN)
-
-
-def _from_v4(ckpt):
-    """5 added distilled students; every earlier checkpoint is a model trained as usual."""
-    return {**ckpt, "distillation": None}
-
-
 def _from_v5(ckpt):
     """6 records a student's sampler; every version-5 student sampled with the same one."""
     record = ckpt.get("distillation")
@@ -173,18 +167,19 @@ def _from_v6(ckpt):
     return ckpt
 
 
-def _from_v7(ckpt):
-    """8 plans a run's length in fixed step counts and records the rate it measured."""
-    return _with_train_fields(ckpt, V7_TRAIN)
-
-
-def _from_v8(ckpt):
-    """9 keeps an early EMA of the run, autoguidance's guide; no earlier run kept one."""
-    return {**_with_train_fields(ckpt, V8_TRAIN), "guide": None}
-
-
-UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4, 5: _from_v5, 6: _from_v6,
-            7: _from_v7, 8: _from_v8}
+# version v -> v + 1, for each v
+UPGRADES = {1: _from_v1, 2: _from_v2,
+            # 4 added the learning-rate decay, the EMA's power, steps and the memory format
+            3: lambda ckpt: _with_train_fields(ckpt, V3_TRAIN),
+            # 5 added distilled students; every earlier checkpoint is a model trained as usual
+            4: lambda ckpt: {**ckpt, "distillation": None},
+            5: _from_v5, 6: _from_v6,
+            # 8 plans a run's length in fixed step counts and records the rate it measured
+            7: lambda ckpt: _with_train_fields(ckpt, V7_TRAIN),
+            # 9 keeps an early EMA of the run, autoguidance's guide; no earlier run kept one
+            8: lambda ckpt: {**_with_train_fields(ckpt, V8_TRAIN), "guide": None},
+            # 10 keeps the networks a method trains beside the model (a critic); none did before
+            9: lambda ckpt: {**ckpt, "parts": []}}
 
 
 def _version(ckpt, path):
@@ -248,8 +243,11 @@ def _upgrade(ckpt, path):
         raise Damaged(f"checkpoint {path} (version {version}) is incomplete: it lacks its "
                       f"distillation record")
     _check_student(ckpt["distillation"], path, ckpt["config"]["diffusion"].get("timesteps", 1000))
-    if not isinstance(ckpt.get("guide"), (dict, type(None))):
-        raise Damaged(f"checkpoint {path} is damaged: its guide weights are not a table")
+    if not isinstance(ckpt.get("guide"), (dict, type(None))) or not (
+            isinstance(ckpt.get("parts"), list)
+            and all(isinstance(p, dict) for p in ckpt["parts"])):
+        raise Damaged(f"checkpoint {path} is damaged: its guide or other networks' weights are "
+                      f"not tables")
     _typed(ckpt, path)
     return ckpt
 
@@ -323,24 +321,28 @@ def load_checkpoint(path, fallback=True):
     return open_checkpoint(path, fallback)[0]
 
 
-def restore(ckpt, part, state, importance=None):
+def restore(ckpt, part, state, importance=None, others=()):
     """Load a checkpoint's training state into a freshly built training.Part (model, Adam, EMA),
-    the loop's state dict and, for L_vlb, the timestep sampler; a checkpoint that lacks it or does
-    not fit them is refused in one line."""
+    the loop's state dict, for L_vlb the timestep sampler, and the method's other Parts; a
+    checkpoint that lacks it or does not fit them is refused in one line."""
     missing = [k for k in RESUME if k not in ckpt]
     if missing:
         raise UserError(f"the checkpoint cannot be resumed: it lacks {', '.join(missing)} "
                         f"(sample.py can still draw from it)")
     try:
-        part.model.load_state_dict(ckpt["model"])
         part.ema.module.load_state_dict(ckpt["ema"])
         part.ema.n_averaged.fill_(ckpt["ema_updates"])
         part.ema.kept = ckpt.get("guide")
-        part.optimizer.load_state_dict(ckpt["optimizer"])
-        for p, kept in part.optimizer.state.items():  # Adam's moments in their parameter's memory
-            for k, v in kept.items():                  # format, which fused Adam requires and a
-                if torch.is_tensor(v) and v.shape == p.shape:  # resumed run may have changed
-                    kept[k] = torch.empty_like(p).copy_(v)
+        if len(ckpt["parts"]) != len(others):
+            raise ValueError(f"it keeps {len(ckpt['parts'])} networks beside the model, this "
+                             f"method trains {len(others)}")
+        for saved, into in [(ckpt, part), *zip(ckpt["parts"], others)]:
+            into.model.load_state_dict(saved["model"])
+            into.optimizer.load_state_dict(saved["optimizer"])
+            for p, kept in into.optimizer.state.items():  # Adam's moments in their parameter's
+                for k, v in kept.items():  # memory format, which fused Adam requires and a
+                    if torch.is_tensor(v) and v.shape == p.shape:  # resumed run may have changed
+                        kept[k] = torch.empty_like(p).copy_(v)
         state.update(step=ckpt["step"], epoch=ckpt["epoch"],
                      history=[tuple(h) for h in ckpt["history"]])
         if (ckpt["timestep_history"] is None) != (importance is None):

@@ -83,10 +83,13 @@ class Batch:
 
 @dataclass
 class Part:
-    """One network a method trains, with its optimizer and the EMA of its weights (None: none)."""
+    """One network a method trains, with its optimizer and the EMA of its weights (None: none),
+    stepped at the loop's steps 0, every, 2 every, ... (a generator updated once per several updates
+    of its critic)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     ema: EMA = None
+    every: int = 1
 
 
 def new_part(model_cfg, cfg, device):
@@ -209,10 +212,13 @@ class Progress:
                  f"{(time.time() - self.started) / 60:.1f} min")
 
 
-def take_step(method, nets, batch, cfg, lr, device):
-    """One optimizer step of each of the method's parts, in turn: the loss under the run's
-    precision, backward, clipping, Adam, the EMA. Returns the first part's loss, on the device."""
+def take_step(method, nets, batch, cfg, lr, device, step=0):
+    """One optimizer step of each of the method's parts due at this step, in turn: the loss under
+    the run's precision, backward, clipping, Adam, the EMA. Returns the first part's loss (stepped
+    every step), on the device."""
     for k, (part, net) in enumerate(zip(method.parts, nets)):
+        if step % part.every:
+            continue
         for group in part.optimizer.param_groups:
             group["lr"] = lr
         with autocast_for(device, cfg.precision):
@@ -291,7 +297,8 @@ def train(method, images, cfg, device, state, save, labels=None, deadline=math.i
                 torch.manual_seed(step_seed(cfg.seed, step, 1 + rank))
                 y = drop_labels(labels[idx], cfg.cond_drop, classes, shared) if classes else None
                 batch = Batch(to_model_range(images[idx]), y, shared, mine)
-                loss = take_step(method, nets, batch, cfg, lr_at(step, cfg, planned), device)
+                loss = take_step(method, nets, batch, cfg, lr_at(step, cfg, planned), device,
+                                 step)
                 step += 1
                 state.update(step=step, epoch=epoch)
                 progress.step(step, epoch, loss)

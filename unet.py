@@ -200,6 +200,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t, y=None):
+        return self.decode(*self.encode(x, t, y))
+
+    def encode(self, x, t, y=None):
+        """The down path and the middle: (the bottleneck [B, C', H', W'], the skips, the timestep
+        and class embedding), the bottleneck being what a critic's head reads (DMD2, sec. 4.2)."""
         temb = self.temb(timestep_embedding(t, self.config.width))
         if self.class_emb is not None:
             y = torch.full_like(t, self.config.num_classes) if y is None else y
@@ -209,7 +214,10 @@ class UNet(nn.Module):
         for layers in self.down:
             h = self._run(layers, h, temb)
             hs.append(h)
-        h = self._run(self.mid, h, temb)
+        return self._run(self.mid, h, temb), hs, temb
+
+    def decode(self, h, hs, temb):
+        """The up path from encode()'s outputs to the prediction."""
         for layers in self.up:
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)

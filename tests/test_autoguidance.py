@@ -122,7 +122,7 @@ def test_a_guide_that_is_not_a_table_is_damaged(good_checkpoint, tmp_path, fails
     ckpt = torch.load(good_checkpoint, weights_only=True)
     torch.save({**ckpt, "guide": [1, 2]}, tmp_path / "ckpt.pt")
     err = fails(sample, ["--checkpoint", tmp_path / "ckpt.pt", "--output-dir", tmp_path / "out"])
-    assert "its guide weights are not a table" in err
+    assert "its guide or other networks' weights are not tables" in err
 
 
 @pytest.mark.parametrize("fraction", ["-0.1", "1", "1e20"])
