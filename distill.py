@@ -25,19 +25,24 @@ from device import fastest_settings, pick_device
 from diffusion import Diffusion
 from figures import draw_pictures, save_labelled
 from folders import locked, take_folder
+from matching import MatchingConfig, matching, start_matching
 from methods import Distillation, student_sampler
-from samplers import GUIDANCE, SamplerConfig, generate
+from samplers import AUTOGUIDANCE, GUIDANCE, SamplerConfig, generate
 from training import new_part, new_state, train
 
 # the folder, under --checkpoint-dir, of the student that samples in that many steps
 ROUND = "{}-steps"
 # What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
 RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps",
-                "guidance", "seed", "precision", "memory_format", "checkpoint_every", "overwrite")
+                "guidance", "seed", "precision", "memory_format", "checkpoint_every", "overwrite",
+                "method", "student", "autoguidance")
 # A new distillation's settings where a flag is left out: the CPU recipe (docs/results.md,
 # "Progressive distillation").
 DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4,
                 warmup_steps=50, seed=0, checkpoint_every=250)
+# --method dmd's, where a flag is left out: its one round (docs/results.md, "Distribution matching")
+DMD_DEFAULTS = dict(round_steps=2000, batch_size=64, lr=2e-5, warmup_steps=100, seed=0,
+                    checkpoint_every=250)
 
 
 def halvings(teacher_steps, to_steps):
@@ -106,8 +111,13 @@ def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, de
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a, d = p.add_argument, lambda key: f"({DEFAULTS[key]:g})"
+    a("--method", choices=("progressive", "dmd"),
+      help="progressive distillation, round by round (progressive), or distribution matching "
+           "(DMD2) of one distilled --student (dmd)")
+    a("--student", help="--method dmd: the distilled student (file or folder) the generator "
+                        "starts from; it takes as many steps")
     a("--teacher", help="the trained checkpoint (file or folder) whose EMA weights teach the first "
-                        "round (checkpoints)")
+                        "round (checkpoints; --method dmd: the one the --student came from)")
     a("--teacher-steps", type=int, help="the first teacher's DDIM steps; each student takes "
                                         "half " + d("teacher_steps"))
     a("--to-steps", type=int, help="the last student's steps, reached by halving "
@@ -119,7 +129,10 @@ def build_parser():
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each "
                                        "round " + d("warmup_steps"))
     a("--guidance", type=finite, help=f"conditional teachers: the guidance scale w the students "
-                                     f"learn ({GUIDANCE:g})")
+                                     f"learn ({GUIDANCE:g}); --method dmd: the --student's")
+    a("--autoguidance", type=finite, metavar="W",
+      help=f"--method dmd: the teacher autoguided by its guide at W as the real score ("
+           f"{AUTOGUIDANCE:g} where the teacher keeps a guide, as its default sampler)")
     a("--seed", type=seed, help="seed for data order, timesteps and noise, the same in each "
                                "round " + d("seed"))
     a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in "
@@ -151,10 +164,6 @@ def settings_from(args, found, device):
     round, the last student's steps): from the flags for a new distillation, from its checkpoints
     for --resume."""
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS
-                 if getattr(args, k) not in (None, False)]
-        check(not given, f"--resume continues the distillation with the settings in its "
-                         f"checkpoints: drop {', '.join(given)}")
         check(found, f"--resume {args.resume}: no distilled student there to continue; start one "
                      f"with `python distill.py --checkpoint-dir {args.resume}`")
         (first, file), (last, _) = found[max(found)], found[min(found)]
@@ -183,15 +192,26 @@ def settings_from(args, found, device):
           "drop --guidance")
     check(args.guidance is None or args.guidance >= 0,
           f"--guidance must be 0 or more, got {args.guidance}")
-    flag = {k: default if getattr(args, k) is None else getattr(args, k)
-            for k, default in DEFAULTS.items()}
-    first_steps = flag["teacher_steps"]
+    first_steps = DEFAULTS["teacher_steps"] if args.teacher_steps is None else args.teacher_steps
+    to_steps = DEFAULTS["to_steps"] if args.to_steps is None else args.to_steps
     guidance = (GUIDANCE if args.guidance is None else args.guidance) if conditional else 0.0
-    record = {"round": 1, "from_steps": first_steps, "to_steps": flag["to_steps"],
+    record = {"round": 1, "from_steps": first_steps, "to_steps": to_steps,
               "guidance": guidance, "source": {"checkpoint": str(file), "step": ckpt["step"]}}
+    cfg = round_config(args, DEFAULTS, device, "linear")
+    check(first_steps <= teacher_diffusion.timesteps,
+          f"--teacher-steps {first_steps}: the teacher has only {teacher_diffusion.timesteps} "
+          f"timesteps")
+    return teacher, teacher_diffusion, record, cfg, to_steps
+
+
+def round_config(args, defaults, device, lr_schedule):
+    """A round's TrainConfig from the flags, `defaults` where one is left out."""
+    flag = {k: defaults[k] if getattr(args, k) is None else getattr(args, k)
+            for k in ("round_steps", "batch_size", "lr", "warmup_steps", "seed",
+                      "checkpoint_every")}
     chosen = fastest_settings(device, args.precision or "auto", args.memory_format or "auto")
     values = dict(steps=flag["round_steps"], batch_size=flag["batch_size"], lr=flag["lr"],
-                  lr_schedule="linear", warmup_steps=flag["warmup_steps"], seed=flag["seed"],
+                  lr_schedule=lr_schedule, warmup_steps=flag["warmup_steps"], seed=flag["seed"],
                   precision=chosen["precision"], memory_format=chosen["memory_format"],
                   checkpoint_every=flag["checkpoint_every"])
     for name in ("steps", "batch_size", "lr", "checkpoint_every"):
@@ -200,10 +220,7 @@ def settings_from(args, found, device):
     check(0 <= values["warmup_steps"] < values["steps"],
           f"--warmup-steps must be 0 or more and fewer than --round-steps ({values['steps']}), "
           f"got {values['warmup_steps']}")
-    check(first_steps <= teacher_diffusion.timesteps,
-          f"--teacher-steps {first_steps}: the teacher has only {teacher_diffusion.timesteps} "
-          f"timesteps")
-    return teacher, teacher_diffusion, record, TrainConfig(**values), record["to_steps"]
+    return TrainConfig(**values)
 
 
 def run(args):
@@ -218,12 +235,26 @@ def run(args):
               f"--resume {where} holds one round's student: give the folder above it, "
               f"--resume {where.parent}")
     device = pick_device(args.device)
-    args.checkpoint_dir = Path(args.resume or args.checkpoint_dir or "checkpoints/distilled")
+    args.checkpoint_dir = Path(args.resume or args.checkpoint_dir
+                               or f"checkpoints/{'dmd' if args.method == 'dmd' else 'distilled'}")
     ckpt_dir = check_writable(args.checkpoint_dir, "--checkpoint-dir", args.resume
                               and "a distillation goes on where it was saved: copy the folder "
                                   "somewhere writable and --resume the copy")
     with locked(ckpt_dir):  # from here on no other run changes what is in it
         found = saved_rounds(ckpt_dir)
+        given = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS
+                 if args.resume and getattr(args, k) not in (None, False)]
+        check(not given, f"--resume continues the distillation with the settings in its "
+                         f"checkpoints: drop {', '.join(given)}")
+        kinds = {c["distillation"].get("method", "progressive") for c, _ in found.values()}
+        check(len(kinds) < 2, f"{ckpt_dir}/ holds both progressive rounds and DMD runs: keep "
+                              f"them in separate folders")
+        if args.method == "dmd" or (args.resume and kinds == {"dmd"}):
+            return run_matching(args, ckpt_dir, found, device)
+        dmd_only = [f for f, v in (("--student", args.student),
+                                   ("--autoguidance", args.autoguidance)) if v is not None]
+        check(not dmd_only, f"{', '.join(dmd_only)} applies to --method dmd: add it, or drop "
+                            f"{', '.join(dmd_only)}")
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
         first_steps = record["from_steps"]
         check(reached_by_halving(first_steps, to_steps),
@@ -251,6 +282,59 @@ def run(args):
             save_students(ckpt_dir, out / "students.png", device, cfg.seed)
         else:
             print(f"to continue: python distill.py --resume {ckpt_dir}")
+
+
+def run_matching(args, ckpt_dir, found, device):
+    """--method dmd: one DMD2 run (matching.py) from a distilled student, saved in ckpt_dir/N-steps/
+    as progressive distillation's rounds are; or its continuation, --resume."""
+    if args.resume:
+        check(args.to_steps is not None or len(found) == 1,
+              f"--resume {ckpt_dir} holds DMD runs for {sorted(found)} steps: say which with "
+              f"--to-steps N")
+        steps = args.to_steps if args.to_steps is not None else next(iter(found))
+        check(steps in found, f"--resume {ckpt_dir}: no {steps}-step run there; it holds "
+                              f"{sorted(found)}")
+        saved, _ = found[steps]
+        cfg = TrainConfig(**saved["config"]["train"])
+        config = MatchingConfig(**saved["distillation"]["matching"])
+        method, state, save_to = matching(None, None, config, cfg, device, None, saved)
+    else:
+        check(args.guidance is None, "--method dmd matches the teacher guided as the student "
+                                     "learned it: drop --guidance")
+        teacher, student, config, source = start_matching(args.teacher, args.student,
+                                                          args.to_steps, args.autoguidance)
+        check(config.steps not in found or args.overwrite,
+              f"{ckpt_dir}/{ROUND.format(config.steps)} already holds a DMD run: continue it "
+              f"with --resume {ckpt_dir}, replace it with --overwrite, or choose another "
+              f"--checkpoint-dir")
+        cfg = round_config(args, DMD_DEFAULTS, device, "constant")
+        method, state, save_to = matching(teacher, student, config, cfg, device, source)
+    folder = ckpt_dir / ROUND.format(config.steps)
+    out = check_writable(args.output_dir, "--output-dir")
+    prepare_fashion_mnist(args.data_dir)
+    images, labels = load_fashion_mnist(args.data_dir)
+    check(cfg.batch_size <= len(images),
+          f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
+    folder.mkdir(parents=True, exist_ok=True)
+    take_folder(folder, folder if args.resume else None,
+                found[config.steps][1] if args.resume else None, overwrite=bool(args.overwrite))
+    print(f"distribution matching: a {config.steps}-step generator, {cfg.steps} critic steps "
+          f"({config.critic_updates} per generator step), batch {cfg.batch_size}, lr {cfg.lr:g} "
+          f"({cfg.precision}), on {device}")
+    limit = replace(cfg, max_steps=state["step"] + args.max_steps if args.max_steps else 0)
+    stopped = train(method, images.to(device), limit, device, state, lambda: save_to(folder),
+                    labels.to(device))
+    if stopped or state["step"] < cfg.steps:
+        print(f"stopped at step {state['step']} of {cfg.steps} by {stopped or '--max-steps'}; "
+              f"to continue: python distill.py --resume {ckpt_dir}")
+        return
+    ckpt, _ = open_checkpoint(folder)
+    model, diffusion = build_model(ckpt, device)
+    if args.sample_n:
+        where = check_writable(out / folder.name, "--output-dir")
+        draw_pictures(model, diffusion, args.sample_n, where, cfg.seed, learned=config.guidance,
+                      sampler=SamplerConfig(**ckpt["distillation"]["sampler"]))
+        print(f"wrote {where / 'samples.png'}")
 
 
 def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labels, device, out,
