@@ -249,6 +249,8 @@ def _runnable(model, cfg, device, ranks):
 def _prepare(method, cfg, planned):
     """Every part in training mode; the first one's EMA set to keep its value cfg.guide_fraction of
     the way through the `planned` steps, as autoguidance's guide."""
+    if method.parts[0].every != 1:
+        raise ValueError("the first part is stepped every step: the loop reports its loss")
     for part in method.parts:
         part.model.train()
     if method.parts[0].ema is not None and cfg.guide_fraction:

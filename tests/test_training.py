@@ -128,3 +128,18 @@ def test_a_method_of_two_networks_steps_each_with_its_own_optimizer_in_turn(tiny
         assert any(not torch.equal(a, b) for a, b in zip(part.model.parameters(), old))
         assert int(part.ema.n_averaged) == 5 and part.optimizer.state  # its own EMA and Adam
     assert [s for s, _, _ in state["history"]] == [1, 2, 3, 4, 5]  # the first part's loss, each step
+
+
+def test_a_part_with_every_n_is_stepped_at_multiples_of_n_and_the_first_part_every_step(tiny_config):
+    cfg = TrainConfig(steps=7, batch_size=8, log_every=1)
+    generator, critic = training.new_part(tiny_config, cfg, CPU), training.new_part(tiny_config, cfg, CPU)
+    critic.every = 3
+    method, state = GeneratorAndCritic(generator, critic), training.new_state()
+    images = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    training.train(method, images, cfg, CPU, state, lambda: None)
+    assert method.order == [0, 1, 0, 0, 0, 1, 0, 0, 0, 1]  # steps 0, 3 and 6 step part 1 too
+    assert int(critic.ema.n_averaged) == 3 and int(generator.ema.n_averaged) == 7
+    generator.every = 2
+    with pytest.raises(ValueError, match="first part is stepped every step"):
+        training.train(GeneratorAndCritic(generator, critic), images, cfg, CPU, training.new_state(),
+                       lambda: None)
