@@ -48,6 +48,7 @@ LAYOUTS[7] = LAYOUTS[6]  # a student's sampler became a SamplerConfig, its step 
 LAYOUTS[8] = {**LAYOUTS[7], "TrainConfig": sorted(LAYOUTS[7]["TrainConfig"] + ["plan_minutes", "planned_rate"])}
 LAYOUTS[9] = {**LAYOUTS[8], "keys": sorted(LAYOUTS[8]["keys"] + ["guide"]),
               "TrainConfig": sorted(LAYOUTS[8]["TrainConfig"] + ["guide_fraction"])}
+LAYOUTS[10] = {**LAYOUTS[9], "keys": sorted(LAYOUTS[9]["keys"] + ["parts"])}  # a method's other networks
 
 
 def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):
@@ -80,7 +81,8 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path, tiny_config, tiny_ru
 def test_save_keeps_the_previous_checkpoint(tmp_path):
     minimal = {"format": FORMAT, "version": VERSION, "model": {}, "ema": {}, "ema_updates": 0, "optimizer": {},
                "config": {"model": asdict(UNetConfig()), "diffusion": asdict(DiffusionConfig()),
-                          "train": TrainConfig().recipe()}, "epoch": 0, "history": [], "distillation": None}
+                          "train": TrainConfig().recipe()}, "epoch": 0, "history": [], "distillation": None,
+               "parts": []}
     save_checkpoint({**minimal, "step": 1}, tmp_path)
     save_checkpoint({**minimal, "step": 2}, tmp_path)
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
