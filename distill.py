@@ -26,7 +26,7 @@ from diffusion import Diffusion
 from figures import draw_pictures, save_labelled
 from folders import locked, take_folder
 from matching import MatchingConfig, matching, start_matching
-from methods import Distillation, student_sampler
+from methods import Distillation, halvings, reached_by_halving, student_sampler
 from samplers import AUTOGUIDANCE, GUIDANCE, SamplerConfig, generate
 from training import new_part, new_state, train
 
@@ -41,24 +41,7 @@ RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "
 DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4,
                 warmup_steps=50, seed=0, checkpoint_every=250)
 # --method dmd's, where a flag is left out: its one round (docs/results.md, "Distribution matching")
-DMD_DEFAULTS = dict(round_steps=2000, batch_size=64, lr=2e-5, warmup_steps=100, seed=0,
-                    checkpoint_every=250)
-
-
-def halvings(teacher_steps, to_steps):
-    """The students' step counts, one per round: teacher_steps / 2, / 4, ... down to to_steps."""
-    steps = [teacher_steps // 2]
-    while steps[-1] > to_steps:
-        steps.append(steps[-1] // 2)
-    return steps
-
-
-def reached_by_halving(teacher_steps, to_steps):
-    """Whether halving teacher_steps exactly, once or more, reaches to_steps (at least 1)."""
-    n = teacher_steps
-    while n > max(to_steps, 0) and n % 2 == 0:
-        n //= 2
-    return 1 <= to_steps < teacher_steps and n == to_steps
+DMD_DEFAULTS = dict(DEFAULTS, round_steps=2000, lr=2e-5, warmup_steps=100)
 
 
 def saved_rounds(folder):
@@ -110,7 +93,11 @@ def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, de
 
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, d = p.add_argument, lambda key: f"({DEFAULTS[key]:g})"
+    a = p.add_argument
+
+    def d(key):  # a flag's default, and --method dmd's where it differs
+        dmd = "" if DMD_DEFAULTS[key] == DEFAULTS[key] else f"; --method dmd: {DMD_DEFAULTS[key]:g}"
+        return f"({DEFAULTS[key]:g}{dmd})"
     a("--method", choices=("progressive", "dmd"),
       help="progressive distillation, round by round (progressive), or distribution matching "
            "(DMD2) of one distilled --student (dmd)")
@@ -125,7 +112,8 @@ def build_parser():
     a("--round-steps", type=whole(1, MAX_STEPS), help="optimizer steps per round " + d("round_steps"))
     a("--batch-size", type=whole(1, MAX_BATCH), help="images per step " + d("batch_size"))
     a("--lr", type=finite, help="Adam learning rate after warm-up, decaying linearly to 0 in each "
-                               "round " + d("lr"))
+                               "round (--method dmd: constant) "
+                               + d("lr"))
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each "
                                        "round " + d("warmup_steps"))
     a("--guidance", type=finite, help=f"conditional teachers: the guidance scale w the students "
@@ -143,9 +131,9 @@ def build_parser():
     a("--checkpoint-every", type=whole(1, MAX_STEPS), help="steps between checkpoints within a "
                                            "round " + d("checkpoint_every"))
     a("--checkpoint-dir", help="where each round's student goes, in N-steps/ "
-                               "(checkpoints/distilled)")
-    a("--output-dir", default="output/distilled", help="where each round's samples and "
-                                                       "students.png go (output/distilled)")
+                               "(checkpoints/distilled; --method dmd: checkpoints/dmd)")
+    a("--output-dir", help="where each round's samples and students.png go "
+                           "(output/distilled; --method dmd: output/dmd)")
     a("--resume", metavar="DIR", help="continue the distillation in this --checkpoint-dir, "
                                       "with its settings")
     a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds "
@@ -223,6 +211,16 @@ def round_config(args, defaults, device, lr_schedule):
     return TrainConfig(**values)
 
 
+def training_data(args, cfg, device, output_dir):
+    """(--output-dir, else output_dir; the training images and labels on device), checked."""
+    out = check_writable(args.output_dir or output_dir, "--output-dir")
+    prepare_fashion_mnist(args.data_dir)
+    images, labels = load_fashion_mnist(args.data_dir)
+    check(cfg.batch_size <= len(images),
+          f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
+    return out, images.to(device), labels.to(device)
+
+
 def run(args):
     check(not (args.resume and args.checkpoint_dir
                and Path(args.resume) != Path(args.checkpoint_dir)),
@@ -260,11 +258,7 @@ def run(args):
         check(reached_by_halving(first_steps, to_steps),
               f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} "
               f"steps: give a power of two below it, such as --teacher-steps 64 --to-steps 4")
-        out = check_writable(args.output_dir, "--output-dir")
-        prepare_fashion_mnist(args.data_dir)
-        images, labels = load_fashion_mnist(args.data_dir)
-        check(cfg.batch_size <= len(images),
-              f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
+        out, images, labels = training_data(args, cfg, device, "output/distilled")
         if args.overwrite:  # every check has passed: the earlier distillation goes
             for n in found:
                 for name in CHECKPOINT_NAMES:
@@ -277,7 +271,7 @@ def run(args):
         rounds = [(r, n, ckpt_dir / ROUND.format(n), found.get(n))
                   for r, n in enumerate(halvings(first_steps, to_steps), 1)]
         if distill_rounds(rounds, teacher, teacher_diffusion, {**record, "to_steps": to_steps}, cfg,
-                          images.to(device), labels.to(device), device, out, args.sample_n,
+                          images, labels, device, out, args.sample_n,
                           args.max_steps or math.inf):
             save_students(ckpt_dir, out / "students.png", device, cfg.seed)
         else:
@@ -310,11 +304,7 @@ def run_matching(args, ckpt_dir, found, device):
         cfg = round_config(args, DMD_DEFAULTS, device, "constant")
         method, state, save_to = matching(teacher, student, config, cfg, device, source)
     folder = ckpt_dir / ROUND.format(config.steps)
-    out = check_writable(args.output_dir, "--output-dir")
-    prepare_fashion_mnist(args.data_dir)
-    images, labels = load_fashion_mnist(args.data_dir)
-    check(cfg.batch_size <= len(images),
-          f"--batch-size {cfg.batch_size} is larger than the {len(images)} training images")
+    out, images, labels = training_data(args, cfg, device, "output/dmd")
     folder.mkdir(parents=True, exist_ok=True)
     take_folder(folder, folder if args.resume else None,
                 found[config.steps][1] if args.resume else None, overwrite=bool(args.overwrite))
@@ -322,8 +312,7 @@ def run_matching(args, ckpt_dir, found, device):
           f"({config.critic_updates} per generator step), batch {cfg.batch_size}, lr {cfg.lr:g} "
           f"({cfg.precision}), on {device}")
     limit = replace(cfg, max_steps=state["step"] + args.max_steps if args.max_steps else 0)
-    stopped = train(method, images.to(device), limit, device, state, lambda: save_to(folder),
-                    labels.to(device))
+    stopped = train(method, images, limit, device, state, lambda: save_to(folder), labels)
     if stopped or state["step"] < cfg.steps:
         print(f"stopped at step {state['step']} of {cfg.steps} by {stopped or '--max-steps'}; "
               f"to continue: python distill.py --resume {ckpt_dir}")

@@ -175,10 +175,7 @@ class DistributionMatching:
         y, generator = batch.labels_of_mine(), self.parts[1].model
         with torch.no_grad(), read_only(generator):  # unclipped, as the generator's loss reads
             x0 = self.generate(generator, batch, y)
-        n = len(batch.x0)
-        t = torch.randint(0, self.real_diffusion.timesteps, (n,), device=x0.device,
-                          generator=batch.generator)[batch.mine]
-        loss = self.real_diffusion.loss(net, x0, t, batch.noise(), y).mean()
+        loss = self.real_diffusion.loss(net, x0, self.noise_levels(batch), batch.noise(), y).mean()
         if self.config.gan_critic:
             real, t_real = self.noised(batch.x0[batch.mine], batch)
             fake, t_fake = self.noised(x0, batch)
@@ -192,7 +189,7 @@ class DistributionMatching:
         return self.critic_loss(net, batch) if k == 0 else self.generator_loss(net, batch)
 
 
-def student_sampler(steps):
+def generator_sampler(steps):
     """What a DMD generator samples with: renoise on the even grid, the steps it trained on."""
     return SamplerConfig("renoise", steps, None, "even")
 
@@ -213,8 +210,8 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
     if saved is not None:
         record = saved["distillation"]
         teacher, teacher_diffusion = build_teacher(saved, device)
-        guide = (build_model({"config": record["teacher"]["config"], "ema": record["guide"]},
-                             device)[0] if record["guide"] is not None else None)
+        guide = build_guide({"config": record["teacher"]["config"], "guide": record["guide"]},
+                            device)
         generator_config, diffusion_config = (saved["config"]["model"],
                                               saved["config"]["diffusion"])
     else:
@@ -241,7 +238,7 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
                                   diffusion.to(device), critic, generator, config)
     record = saved["distillation"] if saved is not None else {
         "method": "dmd", "matching": config.to_dict(),
-        "sampler": student_sampler(config.steps).to_dict(), "round": 1,
+        "sampler": generator_sampler(config.steps).to_dict(), "round": 1,
         "from_steps": config.steps, "to_steps": config.steps, "guidance": config.guidance,
         "source": source, "teacher": teacher_checkpoint(teacher, teacher_diffusion),
         "guide": None if guide is None else {k: v.detach().clone()

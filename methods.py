@@ -63,6 +63,22 @@ def distillation_target(x, x_s, abar_t, abar_s):
     return (x_s - ratio * x) / (abar_s.sqrt() - ratio * abar_t.sqrt())
 
 
+def halvings(teacher_steps, to_steps):
+    """The students' step counts, one per round: teacher_steps / 2, / 4, ... down to to_steps."""
+    steps = [teacher_steps // 2]
+    while steps[-1] > to_steps:
+        steps.append(steps[-1] // 2)
+    return steps
+
+
+def reached_by_halving(teacher_steps, to_steps):
+    """Whether halving teacher_steps exactly, once or more, reaches to_steps (at least 1)."""
+    n = teacher_steps
+    while n > max(to_steps, 0) and n % 2 == 0:
+        n //= 2
+    return 1 <= to_steps < teacher_steps and n == to_steps
+
+
 def student_sampler(steps):
     """What a progressive-distillation student samples with: its teacher's sampler, deterministic
     DDIM on the even grid (Salimans & Ho 2022, Algorithm 2), in the student's own steps."""

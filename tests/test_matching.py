@@ -299,3 +299,14 @@ def test_overwrite_replaces_a_finished_run_and_keeps_nothing_of_it(cli, good_che
     assert again["step"] == 4 and again["config"]["train"]["seed"] == 1
     assert not any(torch.equal(again["model"][k], v) for k, v in first["model"].items()
                    if v.is_floating_point() and v.any())
+
+
+def test_a_dmd_runs_pictures_go_apart_from_progressive_distillations(cli, good_checkpoint, pd,
+                                                                      tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default output/ folders are made
+    distill.main([str(a) for a in [
+        "--method", "dmd", "--teacher", good_checkpoint, "--student", pd, "--round-steps", 2,
+        "--warmup-steps", 0, "--batch-size", 8, "--precision", "fp32", "--data-dir", cli.data,
+        "--checkpoint-dir", cli.ckpt / "dmd", "--sample-n", 2]])
+    assert (tmp_path / "output" / "dmd" / "2-steps" / "samples.png").is_file()
+    assert not (tmp_path / "output" / "distilled").exists()
