@@ -288,8 +288,9 @@ def _checked(ckpt, path):
     """_upgrade(ckpt), refusing weights (raw or averaged) that hold NaN or Inf: nothing sampled or
     resumed from them could be right."""
     ckpt = _upgrade(ckpt, path)
-    for key in ("model", "ema", "guide"):
-        bad = next((k for k, v in (ckpt.get(key) or {}).items()
+    parts = [(f"parts[{i}]", p.get("model")) for i, p in enumerate(ckpt["parts"])]
+    for key, found in [(key, ckpt.get(key)) for key in ("model", "ema", "guide")] + parts:
+        bad = next((k for k, v in (found or {}).items()
                     if torch.is_tensor(v) and v.is_floating_point()
                     and not v.isfinite().all()), None)
         if bad:

@@ -9,7 +9,7 @@ import torch
 
 import checkpoint
 from checkpoint import FORMAT, VERSION, build_model, load_checkpoint, save_checkpoint
-from cli import WriteError
+from cli import UserError, WriteError
 from config import TrainConfig, resolve_configs
 from diffusion import DiffusionConfig
 from methods import student_sampler
@@ -91,6 +91,16 @@ def test_save_keeps_the_previous_checkpoint(tmp_path):
     (tmp_path / "ckpt.pt").unlink()  # as if killed between the two renames
     assert load_checkpoint(tmp_path)["step"] == 1
 
+
+
+def test_a_second_networks_weights_that_are_not_finite_are_refused(good_checkpoint, tmp_path):
+    ckpt = load_checkpoint(good_checkpoint)
+    critic = {k: v.clone() for k, v in ckpt["model"].items()}
+    name = next(k for k, v in critic.items() if v.is_floating_point())
+    critic[name][...] = float("nan")
+    torch.save({**ckpt, "parts": [{"model": critic, "optimizer": {}}]}, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match=rf"its parts\[0\] weights hold NaN or Inf \(first in {name}\)"):
+        load_checkpoint(tmp_path)
 
 def version_1(ckpt):
     """The checkpoint as train.py wrote it before the format was versioned: format string '/1', an RNG
