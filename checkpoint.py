@@ -245,7 +245,8 @@ def _upgrade(ckpt, path):
     _check_student(ckpt["distillation"], path, ckpt["config"]["diffusion"].get("timesteps", 1000))
     if not isinstance(ckpt.get("guide"), (dict, type(None))) or not (
             isinstance(ckpt.get("parts"), list)
-            and all(isinstance(p, dict) for p in ckpt["parts"])):
+            and all(isinstance(p, dict) and isinstance(p.get("model"), dict)
+                    for p in ckpt["parts"])):
         raise Damaged(f"checkpoint {path} is damaged: its guide or other networks' weights are "
                       f"not tables")
     _typed(ckpt, path)
@@ -288,7 +289,7 @@ def _checked(ckpt, path):
     """_upgrade(ckpt), refusing weights (raw or averaged) that hold NaN or Inf: nothing sampled or
     resumed from them could be right."""
     ckpt = _upgrade(ckpt, path)
-    parts = [(f"parts[{i}]", p.get("model")) for i, p in enumerate(ckpt["parts"])]
+    parts = [(f"parts[{i}]", p["model"]) for i, p in enumerate(ckpt["parts"])]
     for key, found in [(key, ckpt.get(key)) for key in ("model", "ema", "guide")] + parts:
         bad = next((k for k, v in (found or {}).items()
                     if torch.is_tensor(v) and v.is_floating_point()

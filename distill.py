@@ -5,7 +5,8 @@ sampling steps round by round, 64 -> 32 -> ... -> 4 by default; then
 Each round's student starts as a copy of its teacher and learns to take, in one deterministic DDIM
 step, the two steps its teacher takes; it then teaches the next round. The students predict v
 (sec. 4 of the paper). A thin command line over the rounds: the objective is methods.Distillation,
-the loop training.train."""
+the loop training.train. `python distill.py --method dmd --student checkpoints/distilled/1-steps`
+trains one student further, towards the teacher's distribution (DMD2: matching.py)."""
 import argparse
 import math
 import sys
@@ -41,7 +42,12 @@ RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "
 DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4,
                 warmup_steps=50, seed=0, checkpoint_every=250)
 # --method dmd's, where a flag is left out: its one round (docs/results.md, "Distribution matching")
-DMD_DEFAULTS = dict(DEFAULTS, round_steps=2000, lr=2e-5, warmup_steps=100)
+DMD_DEFAULTS = dict(round_steps=2000, batch_size=64, lr=5e-5, warmup_steps=100, seed=0,
+                    checkpoint_every=250)
+# where a run's students and pictures go, by --method, where --checkpoint-dir and --output-dir
+# are left out
+FOLDERS = {"progressive": ("checkpoints/distilled", "output/distilled"),
+           "dmd": ("checkpoints/dmd", "output/dmd")}
 
 
 def saved_rounds(folder):
@@ -96,8 +102,8 @@ def build_parser():
     a = p.add_argument
 
     def d(key):  # a flag's default, and --method dmd's where it differs
-        dmd = "" if DMD_DEFAULTS[key] == DEFAULTS[key] else f"; --method dmd: {DMD_DEFAULTS[key]:g}"
-        return f"({DEFAULTS[key]:g}{dmd})"
+        dmd = DMD_DEFAULTS.get(key, DEFAULTS[key])
+        return f"({DEFAULTS[key]:g}{'' if dmd == DEFAULTS[key] else f'; --method dmd: {dmd:g}'})"
     a("--method", choices=("progressive", "dmd"),
       help="progressive distillation, round by round (progressive), or distribution matching "
            "(DMD2) of one distilled --student (dmd)")
@@ -112,8 +118,7 @@ def build_parser():
     a("--round-steps", type=whole(1, MAX_STEPS), help="optimizer steps per round " + d("round_steps"))
     a("--batch-size", type=whole(1, MAX_BATCH), help="images per step " + d("batch_size"))
     a("--lr", type=finite, help="Adam learning rate after warm-up, decaying linearly to 0 in each "
-                               "round (--method dmd: constant) "
-                               + d("lr"))
+                               "round, constant for --method dmd " + d("lr"))
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each "
                                        "round " + d("warmup_steps"))
     a("--guidance", type=finite, help=f"conditional teachers: the guidance scale w the students "
@@ -131,9 +136,9 @@ def build_parser():
     a("--checkpoint-every", type=whole(1, MAX_STEPS), help="steps between checkpoints within a "
                                            "round " + d("checkpoint_every"))
     a("--checkpoint-dir", help="where each round's student goes, in N-steps/ "
-                               "(checkpoints/distilled; --method dmd: checkpoints/dmd)")
+                               "(%s; --method dmd: %s)" % tuple(c for c, _ in FOLDERS.values()))
     a("--output-dir", help="where each round's samples and students.png go "
-                           "(output/distilled; --method dmd: output/dmd)")
+                           "(%s; --method dmd: %s)" % tuple(o for _, o in FOLDERS.values()))
     a("--resume", metavar="DIR", help="continue the distillation in this --checkpoint-dir, "
                                       "with its settings")
     a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds "
@@ -234,7 +239,7 @@ def run(args):
               f"--resume {where.parent}")
     device = pick_device(args.device)
     args.checkpoint_dir = Path(args.resume or args.checkpoint_dir
-                               or f"checkpoints/{'dmd' if args.method == 'dmd' else 'distilled'}")
+                               or FOLDERS[args.method or "progressive"][0])
     ckpt_dir = check_writable(args.checkpoint_dir, "--checkpoint-dir", args.resume
                               and "a distillation goes on where it was saved: copy the folder "
                                   "somewhere writable and --resume the copy")
@@ -258,7 +263,7 @@ def run(args):
         check(reached_by_halving(first_steps, to_steps),
               f"--to-steps {to_steps} is not reached by halving the first teacher's {first_steps} "
               f"steps: give a power of two below it, such as --teacher-steps 64 --to-steps 4")
-        out, images, labels = training_data(args, cfg, device, "output/distilled")
+        out, images, labels = training_data(args, cfg, device, FOLDERS["progressive"][1])
         if args.overwrite:  # every check has passed: the earlier distillation goes
             for n in found:
                 for name in CHECKPOINT_NAMES:
@@ -304,7 +309,7 @@ def run_matching(args, ckpt_dir, found, device):
         cfg = round_config(args, DMD_DEFAULTS, device, "constant")
         method, state, save_to = matching(teacher, student, config, cfg, device, source)
     folder = ckpt_dir / ROUND.format(config.steps)
-    out, images, labels = training_data(args, cfg, device, "output/dmd")
+    out, images, labels = training_data(args, cfg, device, FOLDERS["dmd"][1])
     folder.mkdir(parents=True, exist_ok=True)
     take_folder(folder, folder if args.resume else None,
                 found[config.steps][1] if args.resume else None, overwrite=bool(args.overwrite))

@@ -92,7 +92,6 @@ def test_save_keeps_the_previous_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path)["step"] == 1
 
 
-
 def test_a_second_networks_weights_that_are_not_finite_are_refused(good_checkpoint, tmp_path):
     ckpt = load_checkpoint(good_checkpoint)
     critic = {k: v.clone() for k, v in ckpt["model"].items()}
@@ -101,6 +100,7 @@ def test_a_second_networks_weights_that_are_not_finite_are_refused(good_checkpoi
     torch.save({**ckpt, "parts": [{"model": critic, "optimizer": {}}]}, tmp_path / "ckpt.pt")
     with pytest.raises(UserError, match=rf"its parts\[0\] weights hold NaN or Inf \(first in {name}\)"):
         load_checkpoint(tmp_path)
+
 
 def version_1(ckpt):
     """The checkpoint as train.py wrote it before the format was versioned: format string '/1', an RNG

@@ -33,12 +33,12 @@ def test_each_grid_holds_every_other_point_of_the_one_twice_as_long(timesteps):
     assert even_timesteps(1000, 1).tolist() == [999] and even_timesteps(1000, 2).tolist() == [999, 499]
 
 
-
 def test_the_rounds_halve_the_steps_exactly_down_to_the_last_students():
     assert methods.halvings(64, 4) == [32, 16, 8, 4] and methods.halvings(2, 1) == [1]
     assert methods.reached_by_halving(64, 4) and methods.reached_by_halving(48, 3)
     for teacher_steps, to_steps in ((64, 3), (64, 64), (64, 0), (6, 2), (1, 1)):
         assert not methods.reached_by_halving(teacher_steps, to_steps)
+
 
 class GaussianTeacher(torch.nn.Module):
     """The exact denoiser of data x ~ N(mu, s^2 I), E[x_0 | x_t] = mu + alpha s^2 (x_t - alpha mu) / (alpha^2 s^2 +
