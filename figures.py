@@ -9,13 +9,16 @@ import torch.nn.functional as F
 
 from data import CLASSES, to_model_range
 from files import atomic_write
-from samplers import GUIDANCE, generate_batches
+from samplers import GUIDANCE, SamplerConfig, generate_batches
 
 # the most images samples.png shows (8 a row), and samples_by_class.png of each class: what a
 # picture can show, whatever the n drawn
 SHOWN, SHOWN_PER_CLASS = 256, 16
 # of T; t = 0, 50, 100, 200, ... 999 at T = 1000
 FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)
+# a progress grid: its images (one per class of a conditional model) and the default sampler's
+# steps; the most grids progress.png shows
+PROGRESS_N, PROGRESS_STEPS, PROGRESS_ROWS = 10, 10, 12
 
 
 def _pyplot():
@@ -75,6 +78,49 @@ def save_forward_figure(images, diffusion, path, seed=0):
     columns = [(f"t = {t}", diffusion.q_sample(x0, torch.full((len(x0),), t), noise))
                for t in times]
     save_labelled(columns, path, f"q(x_t | x_0), {diffusion.config.schedule} schedule")
+
+
+def progress_path(out, step):
+    return out / "progress" / f"step-{step:06d}.png"
+
+
+def save_progress(model, diffusion, out, step, seed=0):
+    """out/progress/step-NNNNNN.png: PROGRESS_N images of the weights at `step`, unguided, from the
+    same noise at every step (seed, drawn by its own generator: the run's draws are untouched).
+    model is read in eval mode, then left as it was."""
+    classes = model.config.num_classes
+    labels = torch.arange(PROGRESS_N) % classes if classes else None
+    training = model.training
+    try:
+        batches = generate_batches(model.eval(), diffusion, PROGRESS_N, seed, progress=False,
+                                   sampler=SamplerConfig(steps=PROGRESS_STEPS), labels=labels)
+        images = torch.cat(list(batches))
+    finally:
+        model.train(training)
+    save_grid(images, progress_path(out, step), nrow=PROGRESS_N)
+
+
+def save_progress_figure(out, steps):
+    """out/progress.png: the progress grids of `steps` that were drawn, one labelled row each, at
+    most PROGRESS_ROWS of them spread evenly (the first and last kept). Returns its path, or None
+    where no grid was drawn."""
+    drawn = [s for s in steps if progress_path(out, s).exists()]
+    if not drawn:
+        return None
+    if len(drawn) > PROGRESS_ROWS:
+        drawn = [drawn[round(i * (len(drawn) - 1) / (PROGRESS_ROWS - 1))]
+                 for i in range(PROGRESS_ROWS)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(drawn), 1, figsize=(8, 0.85 * len(drawn) + 0.5),
+                                   squeeze=False)
+    for ax, step in zip(axes[:, 0], drawn):
+        ax.imshow(plt.imread(progress_path(out, step)))
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_ylabel(f"step {step:,}", fontsize=9, rotation=0, ha="right", va="center")
+    fig.suptitle("The same noise through training (EMA weights, unguided)", fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, out / "progress.png")
+    return out / "progress.png"
 
 
 def save_loss_history(history, output_dir, name, smooth=100):

@@ -19,7 +19,8 @@ from data import load_fashion_mnist, prepare_fashion_mnist
 from device import tf32
 from diffusion import LOSSES, PREDICTIONS, SCHEDULES, VARIANCES, Diffusion
 from distributed import start_distributed, together, world
-from figures import draw_pictures, save_forward_figure, save_loss_history
+from figures import (draw_pictures, save_forward_figure, save_loss_history, save_progress,
+                     save_progress_figure)
 from folders import claim_folder, continues, locked, take_folder
 from methods import denoising
 from samplers import SamplerConfig, autoguided
@@ -63,6 +64,12 @@ def build_parser():
     a("--guide-fraction", type=finite, help="keep the EMA this far into the run as autoguidance's "
                                            "guide (cpu preset: 0.3; gpu: 0, none)")
     a("--seed", type=seed, help="seed for weights, data order, timesteps and noise (0); fixed for a run")
+    add_command_flags(a)
+    return p
+
+
+def add_command_flags(a):
+    """build_parser()'s flags of where and how this command runs, rather than of the recipe."""
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device such as cuda:1")
     a("--data-dir", default="data", help="where Fashion-MNIST is looked for and kept (data)")
     a("--checkpoint-dir", help="where checkpoints go (checkpoints; with --resume, the folder resumed from)")
@@ -87,8 +94,10 @@ def build_parser():
                                                       "on a CPU in fp32, else contiguous (preset: auto)")
     a("--compile", action=argparse.BooleanOptionalAction,
       help="torch.compile for training (off); this command only")
+    a("--progress", action=argparse.BooleanOptionalAction, default=True,
+      help="at each checkpoint, a grid of the same noise sampled, in OUTPUT_DIR/progress/, and "
+           "OUTPUT_DIR/progress.png of them at the end (on)")
     a("--sample-n", type=whole(0, MAX_IMAGES), default=64, help="images in samples.png (64; 0: none)")
-    return p
 
 
 def run(args):
@@ -207,6 +216,8 @@ def fit(args, cfg, device, saved, note, images, labels, method, state, out, ckpt
         if rank == 0:  # every rank holds the same weights
             ckpt = make_checkpoint(part, diffusion, cfg.recipe(), state, ranks, method.importance)
             save_checkpoint(ckpt, ckpt_dir)
+            if args.progress:
+                save_progress(part.ema.module, diffusion, out, state["step"], cfg.seed)
 
     try:
         with tf32(device.type == "cuda"):  # TF32 matmuls for training; sampling stays in full fp32
@@ -224,6 +235,11 @@ def finish(args, cfg, method, state, stopped, out, ckpt_dir, started):
     save_loss_history(state["history"], out, diffusion.config.loss_name())
     print(f"trained to step {state['step']} in {(time.time() - started) / 60:.1f} min; "
           f"checkpoint in {ckpt_dir}/; loss curve {out / 'loss.png'}")
+    every = cfg.checkpoint_every
+    shown = args.progress and save_progress_figure(
+        out, sorted({*range(every, state["step"], every), state["step"]}))
+    if shown:
+        print(f"samples through training: {shown}, from the grids in {out / 'progress'}/")
     if stopped:
         print(f"stopped early by {stopped}; to continue: python train.py --resume {ckpt_dir}")
     if stopped in ("SIGINT", "SIGTERM") or not args.sample_n:
