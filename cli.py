@@ -168,6 +168,18 @@ def check_writable(folder, flag, fix=None):
     return folder
 
 
+def check_new_folder(folder, flag):
+    """Refuse, before any work, a folder to fill that is a file, a symbolic link or not empty (what
+    lies there would be mixed with, or lost to, what is written); create it. Returns the path."""
+    folder = Path(folder)
+    check(not folder.is_symlink() and not (folder.exists() and not folder.is_dir()),
+          f"{flag} {folder} is not a folder: name a new or empty folder")
+    check(not folder.exists() or not any(folder.iterdir()),
+          f"{flag} {folder}/ is not empty (its files would be mixed with the new ones): name a new "
+          f"or empty folder")
+    return check_writable(folder, flag)
+
+
 def first_line(error, limit=150):
     """The first line of an exception's message (its type's name if it has none), at most limit
     characters: what a one-line error quotes of a library's multi-line complaint."""

@@ -3,6 +3,7 @@ forward process, the loss curve and evaluate.py's plots. Each file is written at
 failed write leaves the old one. How images are drawn is samplers.py's."""
 import csv
 import io
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,16 @@ def save_grid(images, path, nrow=8, scale=3):
     grid = make_grid(images.clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=2, pad_value=1.0)
     atomic_write(path, lambda f: save_image(F.interpolate(grid[None], scale_factor=scale,
                                                           mode="nearest")[0], f, format="png"))
+
+
+def save_pngs(images, folder, start=0):
+    """uint8 images [b, H, W] as one grayscale PNG each at their own size, folder/NNNNNN.png
+    numbered from `start`: the folder of images that external FID tools read."""
+    from PIL import Image
+
+    for k, image in enumerate(images):
+        atomic_write(Path(folder) / f"{start + k:06d}.png",
+                     lambda f, pixels=image: Image.fromarray(pixels).save(f, format="png"))
 
 
 def save_labelled(groups, path, title, rows=False):

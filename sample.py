@@ -4,16 +4,17 @@ A thin command line: the model is rebuilt by checkpoint.py from the checkpoint a
 drawn by samplers.generate, the pictures written by figures.py."""
 import contextlib
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from checkpoint import build_guide, build_model, load_checkpoint
-from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, check, check_output, check_writable,
-                 finite, is_npz, run_command, seed, whole)
+from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, check, check_new_folder, check_output,
+                 check_writable, finite, is_npz, run_command, seed, whole)
 from data import parse_class
 from device import pick_device
-from figures import draw_pictures, picture_labels, save_labelled
+from figures import draw_pictures, picture_labels, save_labelled, save_pngs
 from files import atomic_write
 from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided
 
@@ -66,6 +67,9 @@ def build_parser():
     a("--save-npz", metavar="PATH",
       help="also save every image drawn as uint8 [N, 28, 28] under the key 'images', written "
            "batch by batch")
+    a("--save-png", metavar="DIR",
+      help="also save every image drawn as a 28x28 PNG of its own, DIR/000000.png on (the folder "
+           "of images external FID tools read); DIR must be new or empty")
     a("--class", dest="class_", metavar="CLASS",
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
     a("--guidance", type=finite,
@@ -113,6 +117,11 @@ def run(args):
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps, own)
     if args.save_npz:  # first: a refusal leaves even --output-dir as it was
         check_output(args.save_npz, "--save-npz", is_npz)
+    if args.save_png:
+        check(Path(args.save_png).resolve() != Path(args.output_dir).resolve(),
+              f"--save-png {args.save_png} is the --output-dir, where samples.png would join the "
+              f"images: name another folder")
+        check_new_folder(args.save_png, "--save-png")
     out = check_writable(args.output_dir, "--output-dir")
     guide = f", autoguidance {autoguidance:g}" if autoguidance else ""
     print(f"checkpoint step {ckpt['step']} ({'raw' if args.no_ema else 'EMA'} weights{guide}), "
@@ -139,16 +148,17 @@ def draw(args, model, diffusion, sampler, label, student, out):
                              sampler=sampler, batch_size=args.batch_size, callback=record,
                              on_batch=on_batch)
 
+    pngs = [png_writer(args.save_png)] if args.save_png else []
     if args.save_npz:
         labels, _ = picture_labels(model.config.num_classes, args.n, label, by_class)
         n, size = len(labels) if labels is not None else args.n, model.config.image_size
 
         def write(f):
             with npz_stream(f, (n, size, size)) as add:
-                pictures(lambda batch: add(to_uint8(batch)))
+                pictures(each(lambda batch: add(to_uint8(batch)), *pngs))
         atomic_write(args.save_npz, write)
     else:
-        n, _ = pictures()
+        n, _ = pictures(each(*pngs))
     print(f"wrote {out / 'samples.png'}" + (", samples_by_class.png" if by_class else ""))
     if args.trajectory:
         save_labelled(snapshots, out / "denoising.png",
@@ -157,6 +167,24 @@ def draw(args, model, diffusion, sampler, label, student, out):
         print(f"wrote {out / 'denoising.png'}")
     if args.save_npz:
         print(f"wrote {args.save_npz} ({n} images)")
+    if args.save_png:
+        print(f"wrote {n} PNGs to {args.save_png}/")
+
+
+def png_writer(folder):
+    """on_batch for --save-png: each batch's images as PNGs, numbered on from the last batch's."""
+    written = 0
+
+    def add(batch):
+        nonlocal written
+        save_pngs(to_uint8(batch), folder, written)
+        written += len(batch)
+    return add
+
+
+def each(*adds):
+    """One on_batch calling every writer asked for, in turn."""
+    return lambda batch: [add(batch) for add in adds]
 
 
 def main(argv=None):

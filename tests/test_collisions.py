@@ -84,3 +84,20 @@ def test_a_run_whose_reader_goes_away_trains_to_the_end(cli):
     err = proc.stderr.read()
     assert proc.wait(timeout=900) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
     assert load_checkpoint(cli.ckpt)["step"] == 6 and (cli.out / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("ckpt.pt", "is not a folder"),
+    (".", "is not empty"),
+    ("link", "is not a folder"),
+    ("out", "is the --output-dir"),
+])
+def test_save_png_fills_only_a_new_or_empty_folder(scratch, fails, target, message):
+    (scratch / "link").symlink_to(scratch / "empty")
+    (scratch / "empty").mkdir()
+    before = {p.name: p.read_bytes() for p in scratch.iterdir() if p.is_file()}
+    err = fails(sample, ["--checkpoint", scratch / "ckpt.pt", "--output-dir", scratch / "out", "--n", "2",
+                         "--save-png", scratch / target])
+    assert message in err
+    assert {p.name: p.read_bytes() for p in scratch.iterdir() if p.is_file()} == before
+    assert not (scratch / "out" / "samples.png").exists() and not any((scratch / "empty").iterdir())

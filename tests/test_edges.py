@@ -132,15 +132,21 @@ def test_a_field_of_the_wrong_type_is_damaged_and_gives_way_to_the_previous_file
     assert load_checkpoint(tmp_path)["step"] == ckpt["step"]
 
 
-def test_save_npz_streams_every_image_drawn_in_order(good_checkpoint, tmp_path):
+def test_save_npz_and_save_png_stream_every_image_drawn_in_order(good_checkpoint, tmp_path):
     args = ["--n", "300", "--sampler", "ddim", "--steps", "2", "--batch-size", "64", "--seed", "3"]
     sample.main([str(a) for a in ["--checkpoint", good_checkpoint, "--save-npz", tmp_path / "s.npz",
-                                  "--output-dir", tmp_path / "out", *args]])
+                                  "--save-png", tmp_path / "pngs", "--output-dir", tmp_path / "out", *args]])
     model, diffusion = build_model(load_checkpoint(good_checkpoint), torch.device("cpu"))
     expected = generate(model, diffusion, 300, 3, SamplerConfig("ddim", 2), batch_size=64, progress=False)
     with np.load(tmp_path / "s.npz") as f:
         assert f.files == ["images"]
         np.testing.assert_array_equal(f["images"], sample.to_uint8(expected))
+    pngs = sorted((tmp_path / "pngs").iterdir())
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(300)]
+    for i in (0, 63, 64, 299):  # either side of a batch's end
+        with PIL.Image.open(pngs[i]) as png:
+            assert png.mode == "L"
+            np.testing.assert_array_equal(np.asarray(png), sample.to_uint8(expected[i:i + 1])[0])
     # the picture shows the first SHOWN of them, 8 a row: 32 rows of 28 + 2 pixels, scaled 3x
     with PIL.Image.open(tmp_path / "out" / "samples.png") as png:
         assert png.size == (3 * (8 * 30 + 2), 3 * (figures.SHOWN // 8 * 30 + 2))
