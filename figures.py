@@ -20,6 +20,7 @@ FORWARD_FRACTIONS = (0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1)
 # a progress grid: its images (one per class of a conditional model) and the default sampler's
 # steps; the most grids progress.png shows
 PROGRESS_N, PROGRESS_STEPS, PROGRESS_ROWS = 10, 10, 12
+EDIT_ROWS = 8  # the test images, or pairs, an edit's picture shows (sample.py --inpaint ...)
 
 
 def _pyplot():
@@ -77,6 +78,13 @@ def save_labelled(groups, path, title, rows=False):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def save_rows(rows, path, title):
+    """rows [N, K, C, H, W] in [-1, 1], K images each (an interpolation): the first EDIT_ROWS as
+    one numbered row each."""
+    save_labelled([(f"{i + 1}", r) for i, r in enumerate(rows[:EDIT_ROWS])], path, title,
+                  rows=True)
 
 
 def save_forward_figure(images, diffusion, path, seed=0):

@@ -12,9 +12,11 @@ import torch
 from checkpoint import build_guide, build_model, load_checkpoint
 from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, check, check_new_folder, check_output,
                  check_writable, finite, is_npz, run_command, seed, whole)
-from data import parse_class
+from data import load_fashion_mnist, parse_class, to_model_range
 from device import pick_device
-from figures import draw_pictures, picture_labels, save_labelled, save_pngs
+from editing import MASKS, completions, interpolations, named_mask, read_mask, round_trip
+from figures import (EDIT_ROWS, draw_pictures, picture_labels, save_labelled, save_pngs,
+                     save_rows)
 from files import atomic_write
 from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided
 
@@ -70,6 +72,20 @@ def build_parser():
     a("--save-png", metavar="DIR",
       help="also save every image drawn as a 28x28 PNG of its own, DIR/000000.png on (the folder "
            "of images external FID tools read); DIR must be new or empty")
+    edit = p.add_mutually_exclusive_group()
+    edit.add_argument("--inpaint", metavar="MASK",
+                      help=f"fill in this region of --n test images, 4 times each "
+                           f"({', '.join(MASKS)}, or a 28x28 PNG, white where filled); the other "
+                           f"pixels stay exact")
+    edit.add_argument("--interpolate", action="store_true",
+                      help="pairs of noises (--n, at most 8) and the images between them along "
+                           "the great circle, decoded by DDIM with eta 0")
+    edit.add_argument("--invert", action="store_true",
+                      help="encode --n test images to noise by DDIM run backwards, decode them "
+                           "again (the error printed), and interpolate between pairs of them")
+    a("--jumps", type=whole(1, 100), default=1,
+      help="--inpaint with --sampler ddpm: RePaint's resampling, each step taken this many times")
+    a("--data-dir", default="data", help="--inpaint, --invert: where Fashion-MNIST is (data)")
     a("--class", dest="class_", metavar="CLASS",
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
     a("--guidance", type=finite,
@@ -114,6 +130,9 @@ def run(args):
               f"this student learned guidance w = {student['guidance']:g} from its teacher, and "
               f"samples with it alone: drop --guidance")
     own = SamplerConfig(**student["sampler"]) if student else None
+    if args.inpaint or args.interpolate or args.invert:
+        return edit(args, model, diffusion, student)
+    check(args.jumps == 1, "--jumps is RePaint's resampling, for --inpaint: drop it")
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps, own)
     if args.save_npz:  # first: a refusal leaves even --output-dir as it was
         check_output(args.save_npz, "--save-npz", is_npz)
@@ -169,6 +188,83 @@ def draw(args, model, diffusion, sampler, label, student, out):
         print(f"wrote {args.save_npz} ({n} images)")
     if args.save_png:
         print(f"wrote {n} PNGs to {args.save_png}/")
+
+
+def edit(args, model, diffusion, student):
+    """--inpaint, --interpolate or --invert, with the model as the flags built it, given no class:
+    the kept pixels or the noise decide what is drawn."""
+    mode = "--inpaint" if args.inpaint else "--interpolate" if args.interpolate else "--invert"
+    check(not student, f"{mode}: this checkpoint is a distilled student, which samples only with "
+                       f"its own sampler, and {mode} needs another: give its teacher")
+    others = [flag for flag, on in (("--class", args.class_), ("--guidance", args.guidance),
+                                    ("--unconditional", args.unconditional),
+                                    ("--save-npz", args.save_npz), ("--save-png", args.save_png),
+                                    ("--trajectory", args.trajectory))
+              if on is not None and on is not False]
+    check(not others, f"{mode} draws with no class and writes its own picture: drop "
+                      f"{', '.join(others)}")
+    if args.inpaint:
+        check(args.jumps == 1 or args.sampler == "ddpm",
+              "--jumps is RePaint's resampling of ancestral steps: add --sampler ddpm")
+        sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps)
+        mask = named_mask(args.inpaint) if args.inpaint in MASKS else read_mask(args.inpaint)
+    else:
+        check(args.sampler in (None, "ddim") and not args.eta and args.jumps == 1,
+              f"{mode} decodes with the deterministic DDIM sampler: drop --sampler, --eta, --jumps")
+        sampler = SamplerConfig.from_flags("ddim", args.steps, None, diffusion.timesteps)
+    out = check_writable(args.output_dir, "--output-dir")
+    if args.interpolate:
+        return draw_interpolation(args, model, diffusion, sampler, out)
+    x0 = to_model_range(load_fashion_mnist(args.data_dir, False)[0][:args.n])
+    print(f"{mode}: {len(x0)} test images, {sampler.describe()}")
+    if args.inpaint:
+        return draw_inpainting(args, model, diffusion, sampler, x0, mask, out)
+    draw_inversion(args, model, diffusion, sampler, x0, out)
+
+
+def draw_inpainting(args, model, diffusion, sampler, x0, mask, out):
+    """inpainting.png: the first test images, what is kept of them, and their completions."""
+    done = completions(model, diffusion, x0, mask, sampler, args.seed, jumps=args.jumps,
+                       batch_size=args.batch_size or 64)
+    shown = slice(EDIT_ROWS)
+    columns = [("original", x0[shown]), ("kept", (x0 * (1 - mask))[shown])]
+    resampled = f", RePaint {args.jumps} jumps" if args.jumps > 1 else ""
+    save_labelled(columns + [(f"completion {j + 1}", x[shown]) for j, x in enumerate(done)],
+                  out / "inpainting.png",
+                  f"Inpainting ({args.inpaint}), {sampler.describe()}{resampled}")
+    print(f"wrote {out / 'inpainting.png'}")
+
+
+def draw_interpolation(args, model, diffusion, sampler, out):
+    """interpolation.png: a row of images between each of up to EDIT_ROWS pairs of noises."""
+    pairs = min(args.n, EDIT_ROWS)
+    print(f"--interpolate: {pairs} pairs of noises, {sampler.describe()}")
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (pairs, model.config.in_channels, model.config.image_size, model.config.image_size)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    rows = interpolations(model, diffusion, a, b, sampler.steps)
+    save_rows(rows, out / "interpolation.png", f"Between two noises, {sampler.describe()}")
+    print(f"wrote {out / 'interpolation.png'}")
+
+
+def draw_inversion(args, model, diffusion, sampler, x0, out):
+    """inversion.png (test images and their round trips through noise) and
+    inversion_interpolation.png (between pairs of them, through their noises)."""
+    noises, again = round_trip(model, diffusion, x0, sampler.steps, args.batch_size or 64)
+    print(f"reconstruction error (RMS, in [-1, 1]) after {sampler.steps} steps each way: "
+          f"{(again - x0).pow(2).mean().sqrt():.4f}")
+    shown = slice(EDIT_ROWS)
+    save_labelled([("original", x0[shown]), ("decoded", again[shown])], out / "inversion.png",
+                  f"DDIM inversion and back, {sampler.steps} steps", rows=True)
+    print(f"wrote {out / 'inversion.png'}")
+    if len(x0) < 2:
+        return
+    pairs = slice(0, 2 * EDIT_ROWS - 1, 2), slice(1, 2 * EDIT_ROWS, 2)
+    a, b = noises[pairs[0]], noises[pairs[1]]
+    rows = interpolations(model, diffusion, a[:len(b)], b, sampler.steps)
+    save_rows(rows, out / "inversion_interpolation.png",
+              f"Between two test images, through their noises, {sampler.describe()}")
+    print(f"wrote {out / 'inversion_interpolation.png'}")
 
 
 def png_writer(folder):

@@ -109,15 +109,21 @@ def sample_ddpm(model, diffusion, noise, steps=None, generator=None, callback=No
     """
     x = noise
     for i, t, s, abar_t, abar_s in _schedule(diffusion, steps, grid):
-        _, x0, frac = diffusion.predict(model, x, t)
-        beta = 1 - abar_t / abar_s
-        x = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x) / (1 - abar_t)
-        if s >= 0:  # the last step returns the mean: at t = 0 Ho et al. add no noise
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + torch.exp(0.5 * diffusion.step_log_variance(frac, abar_t, abar_s)) * z
+        x, x0 = ddpm_step(model, diffusion, x, t, s, abar_t, abar_s, generator)
         if callback is not None:
             callback(i, t, x, x0)
     return x
+
+
+def ddpm_step(model, diffusion, x, t, s, abar_t, abar_s, generator=None):
+    """One ancestral step from x_t to x_s (sample_ddpm's): (x_s, the model's x_0), [B, C, H, W]."""
+    _, x0, frac = diffusion.predict(model, x, t)
+    beta = 1 - abar_t / abar_s
+    x = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x) / (1 - abar_t)
+    if s >= 0:  # the last step returns the mean: at t = 0 Ho et al. add no noise
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + torch.exp(0.5 * diffusion.step_log_variance(frac, abar_t, abar_s)) * z
+    return x, x0
 
 
 @torch.no_grad()

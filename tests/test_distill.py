@@ -168,6 +168,7 @@ def test_sample_and_evaluate_use_the_students_own_sampler_and_refuse_others(cli,
     student = cli.ckpt / "4-steps"
     assert "distilled for 4 steps" in fails(sample, ["--checkpoint", student, "--steps", "8"])
     assert "drop --sampler" in fails(sample, ["--checkpoint", student, "--sampler", "ddpm"])
+    assert "give its teacher" in fails(sample, ["--checkpoint", student, "--interpolate"])
     sample.main([str(a) for a in ["--checkpoint", student, "--n", "3", "--output-dir", cli.out,
                                   "--sampler", "renoise"]])  # its x_0 on its grid, noised afresh
     assert "renoise sampler, 4 steps" in capsys.readouterr().out
