@@ -92,6 +92,30 @@ class TrainConfig:
         return self.steps or self.epochs * steps_per_epoch
 
 
+def _fits(value, default):
+    """Whether a config value has the type of its field's default (an int where a float goes)."""
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and all(type(v) is int for v in value)
+    if type(default) is float:
+        return type(value) in (int, float)
+    return type(value) is type(default)
+
+
+def misfit(config):
+    """What in a checkpoint's config (its model, diffusion and train tables) a field of their
+    dataclass is missing from, or held with the wrong type in, as a phrase; None when all fits."""
+    for section, cls in (("model", UNetConfig), ("diffusion", DiffusionConfig),
+                         ("train", TrainConfig)):
+        table = config[section]
+        for field in (f for f in fields(cls) if f.name not in PER_COMMAND):
+            if field.name not in table:
+                return f"its config lacks {section}.{field.name}"
+            if not _fits(table[field.name], field.default):
+                return (f"its config's {section}.{field.name} is {table[field.name]!r}, not of "
+                        f"type {type(field.default).__name__}")
+    return None
+
+
 def resolve_configs(args, device, saved=None):
     """Model, diffusion and training configs, and a line saying where they came from.
 

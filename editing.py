@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from cli import UserError
+from cli import UserError, check
 from device import tf32
 from samplers import SAMPLERS, _schedule, ddpm_step, renoise, sample_ddim, timestep_grid
 
@@ -147,3 +147,25 @@ def interpolations(fn, diffusion, a, b, steps, frames=8):
     w = torch.linspace(0, 1, frames)
     return torch.stack([decode(fn, diffusion, slerp(x.to(device), y.to(device), w), steps).cpu()
                         for x, y in zip(a, b)])
+
+
+def check_jumps(jumps, sampler):
+    """Refuse RePaint's --jumps with a sampler other than the ancestral one they resample."""
+    check(jumps == 1 or sampler == "ddpm",
+          "--jumps is RePaint's resampling of ancestral steps: add --sampler ddpm")
+
+
+def mask_from_flag(value):
+    """--inpaint's value: one of MASKS by name, else a PNG's path; [1, 1, 28, 28]."""
+    return named_mask(value) if value in MASKS else read_mask(value)
+
+
+def inpainting_accuracy(classify, fn, diffusion, x0, labels, mask, sampler, seed=0, jumps=1,
+                        batch_size=64):
+    """How often classify(images [N, C, H, W]) -> predicted classes [N] gets labels [N] right on
+    x0 itself, on x0 with the filled region blanked to the background (-1), and on x0 completed
+    there once by the model: {name: accuracy}. The kept pixels should decide the class."""
+    done = completions(fn, diffusion, x0, mask, sampler, seed, 1, jumps, batch_size)[0]
+    right = lambda x: (classify(x) == labels).float().mean().item()
+    return {"originals": right(x0), "blanked": right(x0 * (1 - mask) - mask),
+            "completed": right(done)}

@@ -20,6 +20,7 @@ from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_
                  finite, interrupted_by_signals, run_command, seed, whole)
 from data import load_fashion_mnist, to_model_range
 from device import pick_device
+from editing import MASKS, check_jumps, inpainting_accuracy, mask_from_flag
 from figures import plot_guidance, plot_sweep
 from files import atomic_write
 from metrics import NEIGHBOURS, embed, load_classifier, score
@@ -101,6 +102,11 @@ def build_parser():
            "Ning et al. 2024; 1.002-1.01 in the paper)")
     a("--unconditional", action="store_true",
       help="conditional models: sample with the 'no class' token, as an unconditional model would")
+    a("--inpaint", metavar="MASK",
+      help=f"score inpainting instead: the classifier's accuracy on --n test images completed "
+           f"where MASK ({', '.join(MASKS)}, or a 28x28 PNG) is white, against their labels")
+    a("--jumps", type=whole(1, 100), default=1,
+      help="--inpaint with --sampler ddpm: RePaint's resampling, each step taken this many times")
     a("--bpd", action="store_true",
       help="instead of sampling: the test set's negative log-likelihood bound in bits/dim, "
            "estimated over all of it and exact on --bpd-exact images")
@@ -242,6 +248,9 @@ def run(args):
     classifier, accuracy = load_classifier(Path(args.classifier_dir) / "classifier.pt", train_x,
                                            train_y, *test, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
+    if args.inpaint:
+        return score_inpainting(args, ckpts[args.checkpoint[0]], models[runs[0][:2]], classifier,
+                                test, out)
     reference, floor, score_seconds = score_real(args, classifier, train_x, train_y, test,
                                                  conditional)
     rows = [floor]
@@ -259,6 +268,26 @@ def run(args):
             write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out, False)
         raise
     write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out)
+
+
+def score_inpainting(args, ckpt, built, classifier, test, out):
+    """--inpaint: the first --n test images completed, classified, written to inpainting.json."""
+    check(not ckpt["distillation"] and not args.sweep and not args.guidance_sweep,
+          "--inpaint scores one teacher's sampler, with no class: drop --sweep and "
+          "--guidance-sweep, or give the teacher of this student")
+    check_jumps(args.jumps, args.sampler)
+    (model, diffusion, autoguidance), mask = built, mask_from_flag(args.inpaint)
+    sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps)
+    x0, labels = to_model_range(test[0][:args.n]), test[1][:args.n]
+    accuracy = inpainting_accuracy(lambda x: embed(classifier, x)[1].argmax(1), model, diffusion,
+                                   x0, labels, mask, sampler, args.seed, args.jumps,
+                                   args.batch_size or 64)
+    print(", ".join(f"{k} {v:.2%}" for k, v in accuracy.items()))
+    result = {"checkpoint": args.checkpoint[0], "mask": args.inpaint, "n": len(x0),
+              "seed": args.seed, **sampler.to_dict(), "jumps": args.jumps,
+              "autoguidance": autoguidance, "accuracy": accuracy}
+    atomic_write(out / "inpainting.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"wrote {out / 'inpainting.json'}")
 
 
 def load_guide(path):

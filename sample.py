@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import build_guide, build_model, load_checkpoint
-from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, check, check_new_folder, check_output,
-                 check_writable, finite, is_npz, run_command, seed, whole)
+from checkpoint import (SHIPPED, build_guide, build_model, load_checkpoint, resolve_checkpoint,
+                        slim_checkpoint)
+from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_new_folder,
+                 check_output, check_writable, finite, is_npz, run_command, seed, whole)
 from data import load_fashion_mnist, parse_class, to_model_range
 from device import pick_device
-from editing import MASKS, completions, interpolations, named_mask, read_mask, round_trip
+from editing import MASKS, check_jumps, completions, interpolations, mask_from_flag, round_trip
 from figures import (EDIT_ROWS, draw_pictures, picture_labels, save_labelled, save_pngs,
                      save_rows)
-from files import atomic_write
+from files import atomic_save, atomic_write
 from samplers import AUTOGUIDANCE, GUIDANCE, SAMPLERS, SamplerConfig, autoguided
 
 
@@ -46,11 +47,15 @@ def npz_stream(f, shape):
             raise RuntimeError(f"{written} images written to an .npz of {shape[0]}")
 
 
+DEFAULT_CHECKPOINT = "checkpoints"
+
+
 def build_parser():
     p = ArgumentParser(description=__doc__)
     a = p.add_argument
-    a("--checkpoint", default="checkpoints",
-      help="checkpoint file, or folder to take the newest from (checkpoints)")
+    a("--checkpoint", default=DEFAULT_CHECKPOINT,
+      help=f"checkpoint file, or folder to take the newest from ({DEFAULT_CHECKPOINT}; while it "
+           f"holds none, the weights shipped in {SHIPPED.parent.name}/)")
     a("--n", type=whole(1, MAX_IMAGES), default=64, help="number of images to draw (64)")
     a("--seed", type=seed, default=0,
       help="seed for the starting noise and every sampling step (0)")
@@ -74,9 +79,9 @@ def build_parser():
            "of images external FID tools read); DIR must be new or empty")
     edit = p.add_mutually_exclusive_group()
     edit.add_argument("--inpaint", metavar="MASK",
-                      help=f"fill in this region of --n test images, 4 times each "
-                           f"({', '.join(MASKS)}, or a 28x28 PNG, white where filled); the other "
-                           f"pixels stay exact")
+                      help=f"fill in this region of the first --n test images (at most "
+                           f"{EDIT_ROWS}, a row each), 4 times each ({', '.join(MASKS)}, or a "
+                           f"28x28 PNG, white where filled); the other pixels stay exact")
     edit.add_argument("--interpolate", action="store_true",
                       help="pairs of noises (--n, at most 8) and the images between them along "
                            "the great circle, decoded by DDIM with eta 0")
@@ -86,6 +91,9 @@ def build_parser():
     a("--jumps", type=whole(1, 100), default=1,
       help="--inpaint with --sampler ddpm: RePaint's resampling, each step taken this many times")
     a("--data-dir", default="data", help="--inpaint, --invert: where Fashion-MNIST is (data)")
+    a("--export", metavar="FILE",
+      help="write a copy of the checkpoint for drawing only (EMA weights and guide in fp16, no "
+           "optimizer: how the shipped one was made) to FILE, a new file, and draw nothing")
     a("--class", dest="class_", metavar="CLASS",
       help="conditional models: draw this class, by name (\"ankle boot\") or index 0-9")
     a("--guidance", type=finite,
@@ -107,7 +115,11 @@ def run(args):
     check(args.guidance is None or args.guidance >= 0,
           f"--guidance must be 0 (conditional model alone) or more, got {args.guidance}")
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint_to_use(args.checkpoint))
+    if args.export:
+        check_output(args.export, "--export", lambda path: False)
+        atomic_save(slim_checkpoint(ckpt), args.export)
+        return print(f"wrote {args.export}: the EMA weights and guide in fp16, for drawing only")
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
     model, autoguidance = autoguided(model, build_guide(ckpt, device), args.autoguidance)
     label = parse_class(args.class_) if args.class_ is not None else None
@@ -204,10 +216,9 @@ def edit(args, model, diffusion, student):
     check(not others, f"{mode} draws with no class and writes its own picture: drop "
                       f"{', '.join(others)}")
     if args.inpaint:
-        check(args.jumps == 1 or args.sampler == "ddpm",
-              "--jumps is RePaint's resampling of ancestral steps: add --sampler ddpm")
+        check_jumps(args.jumps, args.sampler)
         sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps)
-        mask = named_mask(args.inpaint) if args.inpaint in MASKS else read_mask(args.inpaint)
+        mask = mask_from_flag(args.inpaint)
     else:
         check(args.sampler in (None, "ddim") and not args.eta and args.jumps == 1,
               f"{mode} decodes with the deterministic DDIM sampler: drop --sampler, --eta, --jumps")
@@ -215,7 +226,8 @@ def edit(args, model, diffusion, student):
     out = check_writable(args.output_dir, "--output-dir")
     if args.interpolate:
         return draw_interpolation(args, model, diffusion, sampler, out)
-    x0 = to_model_range(load_fashion_mnist(args.data_dir, False)[0][:args.n])
+    n = min(args.n, EDIT_ROWS) if args.inpaint else args.n  # what the picture shows
+    x0 = to_model_range(load_fashion_mnist(args.data_dir, False)[0][:n])
     print(f"{mode}: {len(x0)} test images, {sampler.describe()}")
     if args.inpaint:
         return draw_inpainting(args, model, diffusion, sampler, x0, mask, out)
@@ -265,6 +277,19 @@ def draw_inversion(args, model, diffusion, sampler, x0, out):
     save_rows(rows, out / "inversion_interpolation.png",
               f"Between two test images, through their noises, {sampler.describe()}")
     print(f"wrote {out / 'inversion_interpolation.png'}")
+
+
+def checkpoint_to_use(path):
+    """--checkpoint, or the shipped weights when it is the default folder and holds no run yet."""
+    if path != DEFAULT_CHECKPOINT or not SHIPPED.is_file():
+        return path
+    try:
+        return resolve_checkpoint(path)
+    except UserError:
+        print(f"no checkpoint in {path}/ yet: drawing with the weights shipped in "
+              f"{SHIPPED.parent.name}/{SHIPPED.name} (the default recipe); train your own with "
+              f"`python train.py`")
+        return SHIPPED
 
 
 def png_writer(folder):

@@ -1,6 +1,7 @@
 """Inpainting, inversion and interpolation (editing.py, sample.py --inpaint/--invert/--interpolate):
 the kept pixels exact, the known part deciding the rest, round trips through noise, and the
 refusals."""
+import json
 import math
 
 import pytest
@@ -9,9 +10,11 @@ from matplotlib.pyplot import imread
 from PIL import Image
 from torch.testing import assert_close
 
+import evaluate
 import sample
 from diffusion import Diffusion, DiffusionConfig
-from editing import MASKS, decode, inpaint, interpolations, invert, named_mask, slerp
+from editing import (MASKS, decode, inpaint, inpainting_accuracy, interpolations, invert,
+                     named_mask, slerp)
 from samplers import SAMPLERS, SamplerConfig
 from unet import UNet
 
@@ -197,3 +200,33 @@ def test_a_mask_of_the_wrong_size_is_one_line(cli, good_checkpoint, fails, tmp_p
     assert "is 32x32 pixels; a mask must be 28x28" in fails(
         sample, ["--checkpoint", good_checkpoint, "--output-dir", cli.out, "--inpaint",
                  tmp_path / "big.png"])
+
+
+def test_inpainting_accuracy_counts_what_the_classifier_gets_right(tiny_config):
+    """A classifier of the two-image data (nearest image) is right on every original; completions
+    by the exact model are as right as the originals, where the blanked images need not be."""
+    diffusion = Diffusion(DiffusionConfig(50))
+    a, b = two_images()
+    x0, labels = torch.stack([a, b] * 4), torch.tensor([0, 1] * 4)
+    nearest = lambda x: torch.stack([(x - a).flatten(1).norm(dim=1),
+                                     (x - b).flatten(1).norm(dim=1)], 1).argmin(1)
+    sampler = SamplerConfig.from_flags("ddpm", 20, None, diffusion.timesteps)
+    accuracy = inpainting_accuracy(nearest, TwoImages(diffusion, a, b), diffusion, x0, labels,
+                                   named_mask("right", size=8), sampler, seed=1)
+    assert accuracy["originals"] == accuracy["completed"] == 1.0
+    assert set(accuracy) == {"originals", "blanked", "completed"}
+    assert inpainting_accuracy(lambda x: torch.zeros(len(x), dtype=torch.long), TwoImages(
+        diffusion, a, b), diffusion, x0, labels, named_mask("right", size=8), sampler)[
+        "completed"] == 0.5
+
+
+def test_evaluate_scores_inpainting_in_one_line_and_a_file(cli, good_checkpoint, capsys, fails):
+    evaluate.main([str(a) for a in ["--checkpoint", good_checkpoint, "--inpaint", "bottom", "--n", "12",
+                                    "--steps", "2", "--data-dir", cli.data, "--classifier-dir", cli.ckpt,
+                                    "--output-dir", cli.out]])
+    assert "originals" in capsys.readouterr().out
+    result = json.loads((cli.out / "inpainting.json").read_text())
+    assert result["n"] == 12 and set(result["accuracy"]) == {"originals", "blanked", "completed"}
+    assert "add --sampler ddpm" in fails(evaluate, ["--checkpoint", good_checkpoint, "--inpaint", "top",
+                                                    "--jumps", "2", "--classifier-dir", cli.ckpt,
+                                                    "--data-dir", cli.data])
