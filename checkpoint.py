@@ -354,7 +354,8 @@ def build_model(ckpt, device="cpu", ema=True):
     """Rebuild the U-Net (EMA weights unless ema=False) and diffusion from the checkpoint alone."""
     config, weights = ckpt["config"], ckpt["ema" if ema else "model"]
     if not weights:
-        raise UserError("this checkpoint keeps only its EMA weights (a shipped one): drop --no-ema")
+        raise UserError("this checkpoint keeps only its EMA weights (a shipped one), not the raw "
+                        "ones that --no-ema (or evaluate.py --sweep) asks for")
     try:
         model_config = UNetConfig.from_dict(config["model"])
         wanted, held = (planned_parameters(model_config),

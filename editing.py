@@ -48,7 +48,7 @@ def keeping(fn, diffusion, x0, mask, generator):
     et al. 2022, eq. 8), applied where every sampler reads x_t, so every sampler takes it."""
     def merged(x, t):
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return fn(mask * x + (1 - mask) * diffusion.q_sample(x0, t, noise), t)
+        return fn(torch.where(mask.bool(), x, diffusion.q_sample(x0, t, noise)), t)
     return merged
 
 
@@ -82,7 +82,7 @@ def inpaint(fn, diffusion, x0, mask, sampler, seed=0, jumps=1):
         else:
             x = SAMPLERS[sampler.sampler](keeping(fn, diffusion, x0, mask, g), diffusion, noise,
                                           sampler.steps, generator=g, **sampler.options())
-    return mask * x + (1 - mask) * x0
+    return torch.where(mask.bool(), x, x0)  # where, not arithmetic: no NaN reaches x0's pixels
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def invert(fn, diffusion, x0, steps):
     inversion of Dhariwal & Nichol 2021, appendix F): the noise x_T [B, C, H, W] that decode() maps
     back to about x0, on the grid of sample_ddim's `steps`. The first step, from clean data, takes
     the eps of the cleanest timestep at x0 itself."""
-    ts = timestep_grid("time", diffusion, steps).flip(0).tolist()
+    ts = timestep_grid("time", diffusion, steps or diffusion.timesteps).flip(0).tolist()
     abar = diffusion.alphas_cumprod
     with tf32(False):
         x = renoise(x0, abar[ts[0]], diffusion.predict(fn, x0, ts[0])[0])
@@ -160,6 +160,11 @@ def mask_from_flag(value):
     return named_mask(value) if value in MASKS else read_mask(value)
 
 
+def blanked(x0, mask):
+    """x0 [B, C, H, W] with the region mask [1 or B, 1, H, W] marks set to the background, -1."""
+    return torch.where(mask.bool(), -1.0, x0)
+
+
 def inpainting_accuracy(classify, fn, diffusion, x0, labels, mask, sampler, seed=0, jumps=1,
                         batch_size=64):
     """How often classify(images [N, C, H, W]) -> predicted classes [N] gets labels [N] right on
@@ -167,5 +172,5 @@ def inpainting_accuracy(classify, fn, diffusion, x0, labels, mask, sampler, seed
     there once by the model: {name: accuracy}. The kept pixels should decide the class."""
     done = completions(fn, diffusion, x0, mask, sampler, seed, 1, jumps, batch_size)[0]
     right = lambda x: (classify(x) == labels).float().mean().item()
-    return {"originals": right(x0), "blanked": right(x0 * (1 - mask) - mask),
+    return {"originals": right(x0), "blanked": right(blanked(x0, mask)),
             "completed": right(done)}

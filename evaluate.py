@@ -23,7 +23,7 @@ from device import pick_device
 from editing import MASKS, check_jumps, inpainting_accuracy, mask_from_flag
 from figures import plot_guidance, plot_sweep
 from files import atomic_write
-from metrics import NEIGHBOURS, embed, load_classifier, score
+from metrics import NEIGHBOURS, embed, load_classifier, score, table_rows
 from samplers import (AUTOGUIDANCE, GUIDANCE, SAMPLERS, EpsScaled, SamplerConfig, autoguided,
                       generate)
 
@@ -36,20 +36,6 @@ MAX_SCORED = 10**5
 
 
 # ---------------------------------------------------------------------------- command line
-
-def print_table(rows, header=False):
-    if header:
-        print(f"{'images':<26}{'NFE':>6}{'img/s':>9}{'FID':>9}{'KID x1e3':>10}{'prec.':>7}"
-              f"{'recall':>7}{'cond.acc':>9}  fewest class")
-    for r in rows:
-        rarest = min(r["classes"], key=r["classes"].get)
-        share = r["classes"][rarest] / max(1, sum(r["classes"].values()))
-        rate = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        accuracy = f"{r['accuracy']:.1%}" if "accuracy" in r else "-"
-        print(f"{r['name']:<26}{r.get('nfe') or '-':>6}{rate:>9}{r['fid']:>9.2f}"
-              f"{1e3 * r['kid']:>10.2f}{r['precision']:>7.3f}{r['recall']:>7.3f}{accuracy:>9}"
-              f"  {rarest} {share:.1%}")
-
 
 def parse_grid(entries, timesteps):
     """'SAMPLER:STEPS[:ETA]' strings -> SamplerConfigs, checked by the rules sample.py applies to
@@ -175,8 +161,8 @@ def likelihood(args, ckpt, device):
     sampling = [f"--{k.replace('_', '-')}" for k in ("n", "sampler", "steps", "eta", "sweep",
                                                       "grid", "guidance", "guidance_sweep",
                                                       "unconditional", "classifier_dir",
-                                                      "autoguidance", "guide")
-                if getattr(args, k) not in (None, False)]
+                                                      "autoguidance", "guide", "inpaint")
+                if getattr(args, k) not in (None, False)] + ["--jumps"] * (args.jumps > 1)
     check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop "
                         f"{', '.join(sampling)}")
     check(ckpt["distillation"] is None,
@@ -225,6 +211,8 @@ def run(args):
     if args.bpd:
         return likelihood(args, load_checkpoint(args.checkpoint[0]), pick_device(args.device))
     args.n = 10000 if args.n is None else args.n  # defaults filled after --bpd has refused them
+    if args.inpaint or args.jumps > 1:
+        check_inpainting(args)
     args.classifier_dir = args.classifier_dir or "checkpoints"
     device = pick_device(args.device)
     ckpts = {path: load_checkpoint(path) for path in args.checkpoint}
@@ -232,6 +220,8 @@ def run(args):
     check(len(kinds) == 1,
           "--sweep compares checkpoints of one kind: all class-conditional, or none")
     conditional = kinds.pop()
+    check(not (args.inpaint and ckpts[args.checkpoint[0]]["distillation"]), "--inpaint: this is a "
+          "distilled student, which samples only with its own sampler: give its teacher")
     check(not (args.grid and all(ckpt["distillation"] for ckpt in ckpts.values())),
           "--grid lists a teacher's samplers, and students sample with their own: add the "
           "teacher's checkpoint, or drop --grid")
@@ -249,12 +239,11 @@ def run(args):
                                            train_y, *test, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
     if args.inpaint:
-        return score_inpainting(args, ckpts[args.checkpoint[0]], models[runs[0][:2]], classifier,
-                                test, out)
+        return score_inpainting(args, models[runs[0][:2]], classifier, test, out)
     reference, floor, score_seconds = score_real(args, classifier, train_x, train_y, test,
                                                  conditional)
     rows = [floor]
-    print_table(rows, header=True)
+    print(*table_rows(rows, header=True), sep="\n")
     conditional = conditional and not args.unconditional
     try:
         with interrupted_by_signals():
@@ -262,7 +251,7 @@ def run(args):
                 rows.append(score_samples(args, ckpts, path, models[path, weights], weights,
                                           sampler, guidance, classifier, reference, test[1],
                                           conditional))
-                print_table(rows[-1:])
+                print(*table_rows(rows[-1:]), sep="\n")
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the rows scored so far are kept
         if len(rows) > 1:
             write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out, False)
@@ -270,22 +259,30 @@ def run(args):
     write_results(args, ckpts, rows, conditional, accuracy, score_seconds, out)
 
 
-def score_inpainting(args, ckpt, built, classifier, test, out):
-    """--inpaint: the first --n test images completed, classified, written to inpainting.json."""
-    check(not ckpt["distillation"] and not args.sweep and not args.guidance_sweep,
-          "--inpaint scores one teacher's sampler, with no class: drop --sweep and "
-          "--guidance-sweep, or give the teacher of this student")
+def check_inpainting(args):
+    """Refuse what --inpaint cannot score, before a classifier is trained or a folder made."""
+    check(args.inpaint, "--jumps is RePaint's resampling, for --inpaint: drop it")
+    given = [f"--{k.replace('_', '-')}" for k in ("sweep", "grid", "guidance", "guidance_sweep",
+                                                   "unconditional", "no_ema")
+             if getattr(args, k) not in (None, False)]
+    check(not given, f"--inpaint scores one sampler of one teacher's EMA, given no class: drop "
+                     f"{', '.join(given)}")
     check_jumps(args.jumps, args.sampler)
-    (model, diffusion, autoguidance), mask = built, mask_from_flag(args.inpaint)
+    args.mask = mask_from_flag(args.inpaint)
+
+
+def score_inpainting(args, built, classifier, test, out):
+    """--inpaint: the first --n test images completed, classified, written to inpainting.json."""
+    model, diffusion, autoguidance = built
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps)
     x0, labels = to_model_range(test[0][:args.n]), test[1][:args.n]
     accuracy = inpainting_accuracy(lambda x: embed(classifier, x)[1].argmax(1), model, diffusion,
-                                   x0, labels, mask, sampler, args.seed, args.jumps,
+                                   x0, labels, args.mask, sampler, args.seed, args.jumps,
                                    args.batch_size or 64)
     print(", ".join(f"{k} {v:.2%}" for k, v in accuracy.items()))
     result = {"checkpoint": args.checkpoint[0], "mask": args.inpaint, "n": len(x0),
               "seed": args.seed, **sampler.to_dict(), "jumps": args.jumps,
-              "autoguidance": autoguidance, "accuracy": accuracy}
+              "autoguidance": autoguidance, "eps_scale": args.eps_scale, "accuracy": accuracy}
     atomic_write(out / "inpainting.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"wrote {out / 'inpainting.json'}")
 

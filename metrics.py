@@ -180,3 +180,19 @@ def score(features, logits, reference, labels=None, reference_labels=None):
                                                           reference[reference_labels == c])
                                    for c, name in enumerate(CLASSES) if (labels == c).sum() > 1}
     return result
+
+
+def table_rows(rows, header=False):
+    """evaluate.py's rows (score()'s dicts with a name, and NFE and images/s where drawn) as lines
+    of a table, its header first if asked."""
+    lines = [f"{'images':<26}{'NFE':>6}{'img/s':>9}{'FID':>9}{'KID x1e3':>10}{'prec.':>7}"
+             f"{'recall':>7}{'cond.acc':>9}  fewest class"] if header else []
+    for r in rows:
+        rarest = min(r["classes"], key=r["classes"].get)
+        share = r["classes"][rarest] / max(1, sum(r["classes"].values()))
+        rate = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
+        accuracy = f"{r['accuracy']:.1%}" if "accuracy" in r else "-"
+        lines.append(f"{r['name']:<26}{r.get('nfe') or '-':>6}{rate:>9}{r['fid']:>9.2f}"
+                     f"{1e3 * r['kid']:>10.2f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
+                     f"{accuracy:>9}  {rarest} {share:.1%}")
+    return lines

@@ -15,7 +15,8 @@ from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_
                  check_output, check_writable, finite, is_npz, run_command, seed, whole)
 from data import load_fashion_mnist, parse_class, to_model_range
 from device import pick_device
-from editing import MASKS, check_jumps, completions, interpolations, mask_from_flag, round_trip
+from editing import (MASKS, blanked, check_jumps, completions, interpolations, mask_from_flag,
+                     round_trip)
 from figures import (EDIT_ROWS, draw_pictures, picture_labels, save_labelled, save_pngs,
                      save_rows)
 from files import atomic_save, atomic_write
@@ -117,9 +118,7 @@ def run(args):
     device = pick_device(args.device)
     ckpt = load_checkpoint(checkpoint_to_use(args.checkpoint))
     if args.export:
-        check_output(args.export, "--export", lambda path: False)
-        atomic_save(slim_checkpoint(ckpt), args.export)
-        return print(f"wrote {args.export}: the EMA weights and guide in fp16, for drawing only")
+        return export(args, ckpt)
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
     model, autoguidance = autoguided(model, build_guide(ckpt, device), args.autoguidance)
     label = parse_class(args.class_) if args.class_ is not None else None
@@ -143,7 +142,7 @@ def run(args):
               f"samples with it alone: drop --guidance")
     own = SamplerConfig(**student["sampler"]) if student else None
     if args.inpaint or args.interpolate or args.invert:
-        return edit(args, model, diffusion, student)
+        return edit(args, model, diffusion, student, autoguidance)
     check(args.jumps == 1, "--jumps is RePaint's resampling, for --inpaint: drop it")
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps, own)
     if args.save_npz:  # first: a refusal leaves even --output-dir as it was
@@ -202,17 +201,33 @@ def draw(args, model, diffusion, sampler, label, student, out):
         print(f"wrote {n} PNGs to {args.save_png}/")
 
 
-def edit(args, model, diffusion, student):
+def given(args, *names):
+    """The flags among names (argparse's dests) that the command line set: a value other than
+    None or False (0 is a value)."""
+    return [f"--{name.rstrip('_').replace('_', '-')}" for name in names
+            if getattr(args, name) is not None and getattr(args, name) is not False]
+
+
+def export(args, ckpt):
+    """--export: the checkpoint's EMA and guide in fp16, to a new file; nothing is drawn."""
+    ignored = given(args, "no_ema", "inpaint", "interpolate", "invert", "save_npz", "save_png",
+                    "trajectory", "class_", "guidance", "unconditional", "sampler", "steps",
+                    "eta", "autoguidance")
+    check(not ignored, f"--export copies the checkpoint's EMA weights and draws nothing: drop "
+                       f"{', '.join(ignored)}")
+    check_output(args.export, "--export", lambda path: False)
+    atomic_save(slim_checkpoint(ckpt), args.export)
+    print(f"wrote {args.export}: the EMA weights and guide in fp16, for drawing only")
+
+
+def edit(args, model, diffusion, student, autoguidance):
     """--inpaint, --interpolate or --invert, with the model as the flags built it, given no class:
     the kept pixels or the noise decide what is drawn."""
     mode = "--inpaint" if args.inpaint else "--interpolate" if args.interpolate else "--invert"
     check(not student, f"{mode}: this checkpoint is a distilled student, which samples only with "
                        f"its own sampler, and {mode} needs another: give its teacher")
-    others = [flag for flag, on in (("--class", args.class_), ("--guidance", args.guidance),
-                                    ("--unconditional", args.unconditional),
-                                    ("--save-npz", args.save_npz), ("--save-png", args.save_png),
-                                    ("--trajectory", args.trajectory))
-              if on is not None and on is not False]
+    others = given(args, "class_", "guidance", "unconditional", "save_npz", "save_png",
+                   "trajectory")
     check(not others, f"{mode} draws with no class and writes its own picture: drop "
                       f"{', '.join(others)}")
     if args.inpaint:
@@ -224,11 +239,13 @@ def edit(args, model, diffusion, student):
               f"{mode} decodes with the deterministic DDIM sampler: drop --sampler, --eta, --jumps")
         sampler = SamplerConfig.from_flags("ddim", args.steps, None, diffusion.timesteps)
     out = check_writable(args.output_dir, "--output-dir")
+    guide = f", autoguidance {autoguidance:g}" if autoguidance else ""
+    print(f"{mode}: {'raw' if args.no_ema else 'EMA'} weights{guide}, {sampler.describe()}")
     if args.interpolate:
         return draw_interpolation(args, model, diffusion, sampler, out)
     n = min(args.n, EDIT_ROWS) if args.inpaint else args.n  # what the picture shows
     x0 = to_model_range(load_fashion_mnist(args.data_dir, False)[0][:n])
-    print(f"{mode}: {len(x0)} test images, {sampler.describe()}")
+    print(f"{len(x0)} test images")
     if args.inpaint:
         return draw_inpainting(args, model, diffusion, sampler, x0, mask, out)
     draw_inversion(args, model, diffusion, sampler, x0, out)
@@ -239,7 +256,7 @@ def draw_inpainting(args, model, diffusion, sampler, x0, mask, out):
     done = completions(model, diffusion, x0, mask, sampler, args.seed, jumps=args.jumps,
                        batch_size=args.batch_size or 64)
     shown = slice(EDIT_ROWS)
-    columns = [("original", x0[shown]), ("kept", (x0 * (1 - mask))[shown])]
+    columns = [("original", x0[shown]), ("kept", blanked(x0, mask)[shown])]
     resampled = f", RePaint {args.jumps} jumps" if args.jumps > 1 else ""
     save_labelled(columns + [(f"completion {j + 1}", x[shown]) for j, x in enumerate(done)],
                   out / "inpainting.png",
@@ -250,7 +267,7 @@ def draw_inpainting(args, model, diffusion, sampler, x0, mask, out):
 def draw_interpolation(args, model, diffusion, sampler, out):
     """interpolation.png: a row of images between each of up to EDIT_ROWS pairs of noises."""
     pairs = min(args.n, EDIT_ROWS)
-    print(f"--interpolate: {pairs} pairs of noises, {sampler.describe()}")
+    print(f"{pairs} pairs of noises")
     g = torch.Generator().manual_seed(args.seed)
     shape = (pairs, model.config.in_channels, model.config.image_size, model.config.image_size)
     a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -281,7 +298,7 @@ def draw_inversion(args, model, diffusion, sampler, x0, out):
 
 def checkpoint_to_use(path):
     """--checkpoint, or the shipped weights when it is the default folder and holds no run yet."""
-    if path != DEFAULT_CHECKPOINT or not SHIPPED.is_file():
+    if Path(path) != Path(DEFAULT_CHECKPOINT) or not SHIPPED.is_file():
         return path
     try:
         return resolve_checkpoint(path)

@@ -116,7 +116,9 @@ def sample_ddpm(model, diffusion, noise, steps=None, generator=None, callback=No
 
 
 def ddpm_step(model, diffusion, x, t, s, abar_t, abar_s, generator=None):
-    """One ancestral step from x_t to x_s (sample_ddpm's): (x_s, the model's x_0), [B, C, H, W]."""
+    """One ancestral step from x_t to x_s (sample_ddpm's): a draw of the posterior q(x_s | x_t, x_0)
+    at the model's x_0 (Ho et al. 2020, eqs. 6-7; a learned variance: Nichol & Dhariwal 2021,
+    eq. 15): (x_s, x_0), both [B, C, H, W]."""
     _, x0, frac = diffusion.predict(model, x, t)
     beta = 1 - abar_t / abar_s
     x = (abar_s.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_s) * x) / (1 - abar_t)

@@ -19,7 +19,7 @@ def test_an_exported_copy_draws_as_the_original_does_and_cannot_be_resumed(good_
     a, b = (generate(build_model(c)[0], build_model(c)[1], 4, seed=1, progress=False) for c in (full, slim))
     assert_close(b, a, atol=1e-2, rtol=0)  # fp16 weights: the same images, to a hundredth
     assert "cannot be resumed: it lacks optimizer" in fails(train, ["--resume", tmp_path / "slim.pt"])
-    assert "drop --no-ema" in fails(sample, ["--checkpoint", tmp_path / "slim.pt", "--no-ema"])
+    assert "not the raw ones that --no-ema" in fails(sample, ["--checkpoint", tmp_path / "slim.pt", "--no-ema"])
     before = (tmp_path / "slim.pt").read_bytes()
     assert "--export" in fails(sample, ["--checkpoint", good_checkpoint, "--export", tmp_path / "slim.pt"])
     assert (tmp_path / "slim.pt").read_bytes() == before
@@ -44,12 +44,12 @@ def test_sample_draws_with_the_shipped_weights_until_a_run_is_trained(tmp_path, 
     assert "python train.py" in out and (tmp_path / "out" / "samples.png").is_file()
 
 
-def test_a_trained_run_is_drawn_from_and_never_the_shipped_weights(tmp_path, monkeypatch, good_checkpoint, capsys):
+def test_a_trained_run_is_drawn_from_and_never_the_shipped_weights(tmp_path, monkeypatch, good_checkpoint,
+                                                                     capsys, fails):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "ckpt.pt").write_bytes(good_checkpoint.read_bytes())
     monkeypatch.chdir(tmp_path)
     sample.main(["--n", "2", "--steps", "2", "--output-dir", "out"])
     assert "shipped" not in capsys.readouterr().out
-    monkeypatch.chdir(tmp_path / "checkpoints")  # a named folder that holds nothing is an error
-    with pytest.raises(SystemExit):
-        sample.main(["--checkpoint", "nowhere", "--n", "2"])
+    (tmp_path / "empty").mkdir()  # a folder named on the command line and holding nothing: refused
+    assert "no checkpoint in empty/" in fails(sample, ["--checkpoint", "empty", "--n", "2"])
