@@ -88,7 +88,8 @@ def build_parser():
                            "the great circle, decoded by DDIM with eta 0")
     edit.add_argument("--invert", action="store_true",
                       help="encode --n test images to noise by DDIM run backwards, decode them "
-                           "again (the error printed), and interpolate between pairs of them")
+                           "again (the error printed), and interpolate between pairs of them; "
+                           "unguided unless --autoguidance is given")
     a("--jumps", type=whole(1, 100), default=1,
       help="--inpaint with --sampler ddpm: RePaint's resampling, each step taken this many times")
     a("--data-dir", default="data", help="--inpaint, --invert: where Fashion-MNIST is (data)")
@@ -120,7 +121,9 @@ def run(args):
     if args.export:
         return export(args, ckpt)
     model, diffusion = build_model(ckpt, device, ema=not args.no_ema)
-    model, autoguidance = autoguided(model, build_guide(ckpt, device), args.autoguidance)
+    # inversion runs the ODE both ways, and the guided eps, an extrapolation, round-trips worse
+    w = 0.0 if args.invert and args.autoguidance is None else args.autoguidance
+    model, autoguidance = autoguided(model, build_guide(ckpt, device), w)
     label = parse_class(args.class_) if args.class_ is not None else None
     conditional = model.config.num_classes > 0
     check(conditional or label is None,

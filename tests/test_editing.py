@@ -211,9 +211,11 @@ def test_a_mask_of_the_wrong_size_is_one_line(cli, good_checkpoint, fails, tmp_p
 
 def test_edits_of_a_conditional_autoguided_model_draw_with_no_class(cli, capsys):
     """The shipped checkpoint: class-conditional, with a guide; the edits give it no label."""
-    for edit in (["--inpaint", "top"], ["--invert"], ["--interpolate"]):
+    for edit in (["--inpaint", "top"], ["--interpolate"], ["--invert", "--autoguidance", "1"]):
         run_sample(cli, SHIPPED, *edit, "--n", "2", "--steps", "2")
-        assert "EMA weights, autoguidance 1" in capsys.readouterr().out
+        assert "EMA weights, autoguidance 1, " in capsys.readouterr().out
+    run_sample(cli, SHIPPED, "--invert", "--n", "2", "--steps", "2")  # unguided by default
+    assert "--invert: EMA weights, ddim sampler" in capsys.readouterr().out
     assert (cli.out / "inpainting.png").exists() and (cli.out / "inversion.png").exists()
 
 
