@@ -26,6 +26,7 @@ from files import atomic_write
 from metrics import NEIGHBOURS, embed, load_classifier, score, table_rows
 from samplers import (AUTOGUIDANCE, GUIDANCE, SAMPLERS, EpsScaled, SamplerConfig, autoguided,
                       generate)
+from unet import counting_evaluations
 
 # ETA left out: the sampler's default, what sample.py draws with (dpm++: 1, the SDE form; ddim: 0).
 GRID = ("ddpm:1000", "ddpm:100", "ddim:50", "ddim:20", "ddim:10", "dpm++:20:0", "dpm++:10:0",
@@ -343,11 +344,10 @@ def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifi
     """One row: --n images drawn from one checkpoint's weights with one sampler, scored."""
     model, diffusion, autoguidance = built
     labels = torch.arange(args.n) % 10 if conditional else None  # every class equally often
-    steps_seen = set()
     started = time.perf_counter()
-    images = generate(model, diffusion, args.n, args.seed, sampler, batch_size=args.batch_size,
-                      labels=labels, guidance=guidance,
-                      callback=lambda i, t, x, x0: steps_seen.add(i))
+    with counting_evaluations(model) as evaluated:
+        images = generate(model, diffusion, args.n, args.seed, sampler,
+                          batch_size=args.batch_size, labels=labels, guidance=guidance)
     seconds = time.perf_counter() - started
     student = ckpts[path]["distillation"]
     guidance = student["guidance"] if student else guidance  # a student's is the one it learned
@@ -358,9 +358,10 @@ def score_samples(args, ckpts, path, built, weights, sampler, guidance, classifi
             + (f" eps/{args.eps_scale:g}" if args.eps_scale is not None else ""))
     name = f"{path} {name}" if len(ckpts) > 1 else name
     return {"name": name, "checkpoint": path, **sampler.to_dict(), "student": bool(student),
+            "method": student.get("method", "progressive") if student else None,
             "weights": weights, "guidance": guidance, "autoguidance": autoguidance,
             "eps_scale": args.eps_scale,
-            "nfe": len(steps_seen),
+            "nfe": evaluated[0] // args.n,  # network evaluations per image
             "images_per_s": args.n / seconds,
             **score(*embed(classifier, images), reference, labels, test_y)}
 

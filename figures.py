@@ -186,12 +186,13 @@ def plot_guidance(rows, path):
 def plot_sweep(rows, path):
     """evaluate.py's rows (the first is the real-image floor): FID against network evaluations, one
     line per sampler and eta (and checkpoint, if several), solid for EMA weights and dashed for raw
-    ones; distilled students (distill.py), one point each, share one line."""
+    ones; distilled students (distill.py), one point each, share one line per method."""
     # a line per checkpoint
     several = len({r.get("checkpoint") for r in rows[1:] if not r.get("student")}) > 1
     def label(r):
         if r.get("student"):
-            return "distilled students"
+            return ("DMD generators" if r.get("method") == "dmd"
+                    else "progressive-distillation students")
         eta = f" eta={r['eta']:g}" if r.get("eta") is not None else ""
         return (r["checkpoint"] + ": ") * several + r["sampler"] + eta
     samplers = sorted({label(r) for r in rows[1:]})

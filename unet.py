@@ -4,6 +4,7 @@ Resolutions go 28 -> 14 -> 7 and back: stride-2 convolutions halve, nearest-neig
 doubles, so every size is exact and nothing is cropped. The network only maps (x_t, t[, y]) to its
 prediction; what the prediction means is diffusion.py's.
 """
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -229,6 +230,23 @@ class UNet(nn.Module):
         for layer in layers:
             h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
         return h
+
+
+@contextlib.contextmanager
+def counting_evaluations(model):
+    """Inside, a list whose one entry counts the images every UNet within `model` has evaluated: a
+    sampler's network evaluations per image are that over the images drawn, whatever wraps the
+    UNets (guidance runs two on each image, autoguidance two networks)."""
+    count = [0]
+
+    def add(module, args):
+        count[0] += len(args[0])
+    hooks = [m.register_forward_pre_hook(add) for m in model.modules() if isinstance(m, UNet)]
+    try:
+        yield count
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def count_parameters(model):

@@ -1,9 +1,12 @@
 import io
+from dataclasses import replace
 
 import pytest
 import torch
 
-from unet import UNet, UNetConfig, count_parameters, timestep_embedding
+from diffusion import Diffusion, DiffusionConfig
+from samplers import Autoguided, SamplerConfig, generate
+from unet import UNet, UNetConfig, count_parameters, counting_evaluations, timestep_embedding
 
 
 @pytest.mark.parametrize("batch", [1, 7])
@@ -82,3 +85,21 @@ def test_every_width_the_config_accepts_runs(attn):
         assert UNet(config)(x, t).shape == x.shape, width
         accepted += 1
     assert 5 < accepted < 17  # some widths pass, some are refused
+
+
+@pytest.mark.parametrize("sampler", [SamplerConfig("ddpm", 5), SamplerConfig("dpm++", 4)])
+def test_network_evaluations_are_counted_through_guidance_and_autoguidance(tiny_config, sampler):
+    """What evaluate.py calls NFE: one evaluation per image per step; guidance runs the network on
+    each image twice (with and without its label), autoguidance two networks."""
+    config = replace(tiny_config, num_classes=3)
+    model, guide, diffusion = UNet(config), UNet(config), Diffusion(DiffusionConfig(20))
+    labels, steps = torch.tensor([0, 1, 2, 0, 1]), sampler.steps
+    cases = [(model, 0.0, steps), (model, 1.0, 2 * steps), (Autoguided(model, guide, 1.0), 0.0, 2 * steps),
+             (Autoguided(model, guide, 1.0), 1.0, 4 * steps)]
+    for net, guidance, expected in cases:
+        with counting_evaluations(net) as evaluated:
+            generate(net, diffusion, 5, sampler=sampler, batch_size=2, progress=False, labels=labels,
+                     guidance=guidance)
+        assert evaluated[0] == 5 * expected
+    generate(model, diffusion, 5, sampler=sampler, progress=False, labels=labels)
+    assert evaluated[0] == 5 * expected  # counting stops at the block's end
