@@ -26,7 +26,7 @@ from device import fastest_settings, pick_device
 from diffusion import Diffusion
 from figures import draw_pictures, save_labelled
 from folders import locked, take_folder
-from matching import MatchingConfig, matching, start_matching
+from matching import JOINS, MatchingConfig, matching, start_matching
 from methods import Distillation, halvings, reached_by_halving, student_sampler
 from samplers import AUTOGUIDANCE, GUIDANCE, SamplerConfig, generate
 from training import new_part, new_state, train
@@ -36,7 +36,7 @@ ROUND = "{}-steps"
 # What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
 RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps",
                 "guidance", "seed", "precision", "memory_format", "checkpoint_every", "overwrite",
-                "method", "student", "autoguidance")
+                "method", "student", "autoguidance", "generator_sampler")
 # A new distillation's settings where a flag is left out: the CPU recipe (docs/results.md,
 # "Progressive distillation").
 DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4,
@@ -126,6 +126,9 @@ def build_parser():
     a("--autoguidance", type=finite, metavar="W",
       help=f"--method dmd: the teacher autoguided by its guide at W as the real score ("
            f"{AUTOGUIDANCE:g} where the teacher keeps a guide, as its default sampler)")
+    a("--generator-sampler", choices=JOINS,
+      help=f"--method dmd: how the generator passes each step's x_0 to its next: fresh noise, as "
+           f"in DMD2, or the deterministic DDIM step its --student takes ({MatchingConfig.sampler})")
     a("--seed", type=seed, help="seed for data order, timesteps and noise, the same in each "
                                "round " + d("seed"))
     a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in "
@@ -254,8 +257,9 @@ def run(args):
                               f"them in separate folders")
         if args.method == "dmd" or (args.resume and kinds == {"dmd"}):
             return run_matching(args, ckpt_dir, found, device)
-        dmd_only = [f for f, v in (("--student", args.student),
-                                   ("--autoguidance", args.autoguidance)) if v is not None]
+        dmd_only = [f for f, v in (("--student", args.student), ("--autoguidance", args.autoguidance),
+                                   ("--generator-sampler", args.generator_sampler))
+                    if v is not None]
         check(not dmd_only, f"{', '.join(dmd_only)} applies to --method dmd: add it, or drop "
                             f"{', '.join(dmd_only)}")
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
@@ -301,7 +305,8 @@ def run_matching(args, ckpt_dir, found, device):
         check(args.guidance is None, "--method dmd matches the teacher guided as the student "
                                      "learned it: drop --guidance")
         teacher, student, config, source = start_matching(args.teacher, args.student,
-                                                          args.to_steps, args.autoguidance)
+                                                          args.to_steps, args.autoguidance,
+                                                          args.generator_sampler)
         check(config.steps not in found or args.overwrite,
               f"{ckpt_dir}/{ROUND.format(config.steps)} already holds a DMD run: continue it "
               f"with --resume {ckpt_dir}, replace it with --overwrite, or choose another "

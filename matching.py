@@ -16,16 +16,21 @@ from torch import nn
 from checkpoint import (build_guide, build_model, build_teacher, make_checkpoint,
                         open_checkpoint, restore, save_checkpoint, teacher_checkpoint)
 from cli import check
-from samplers import (AUTOGUIDANCE, Autoguided, SamplerConfig, even_timesteps, guided,
-                      renoise)
+from samplers import (AUTOGUIDANCE, Autoguided, SamplerConfig, ddim_step, even_timesteps,
+                      guided, renoise)
 from training import Part, new_part, new_state
 from unet import GROUPS, UNet
+
+# how the generator passes one step's x_0 on to its next: fresh noise (DMD2), or the
+# deterministic DDIM step of the progressive-distillation student it starts from
+JOINS = ("renoise", "ddim")
 
 
 @dataclass(frozen=True)
 class MatchingConfig:
     """DMD2's settings, saved in the student's checkpoint."""
-    steps: int = 1  # the generator's network evaluations, on the even grid with renoise between
+    steps: int = 1  # the generator's network evaluations, on the even grid
+    sampler: str = "renoise"  # one of JOINS: what joins its steps
     critic_updates: int = 5  # critic updates per generator update (DMD2, sec. 4.1: TTUR)
     gan_generator: float = 3e-3  # weight of the GAN term in G's loss (DMD2's ImageNet value)
     gan_critic: float = 1e-2  # weight of the GAN term in the critic's loss
@@ -37,6 +42,8 @@ class MatchingConfig:
     def __post_init__(self):
         if not (type(self.steps) is int and self.steps >= 1):
             raise ValueError(f"steps must be a whole number from 1 up, got {self.steps!r}")
+        if self.sampler not in JOINS:
+            raise ValueError(f"sampler must be one of {', '.join(JOINS)}, got {self.sampler!r}")
         if not (type(self.critic_updates) is int and self.critic_updates >= 1):
             raise ValueError(f"critic_updates must be a whole number from 1 up, "
                              f"got {self.critic_updates!r}")
@@ -96,18 +103,22 @@ def read_only(model, frozen=True):
             p.requires_grad_(w)
 
 
-def backward_simulation(model, diffusion, noise, grid, i, draw, y=None, steps=None):
+def backward_simulation(model, diffusion, noise, grid, i, draw, y=None, steps=None,
+                        sampler="renoise"):
     """The inputs (x_t [B, C, H, W], t [B]) of each image's step i [B] of the N-step generator:
-    its first i steps of samplers.sample_renoise, run without gradient from `noise` as the sampler
-    runs them (eval mode), with fresh noise draw() [B, C, H, W] between steps (DMD2, sec. 4.3), so
-    that G trains on what it meets. steps: how many to run (max(i) unless given)."""
+    its first i steps of its sampler (one of JOINS: samplers.sample_renoise, with fresh noise
+    draw() [B, C, H, W] between steps, DMD2 sec. 4.3; or sample_ddim with eta 0), run without
+    gradient from `noise` as the sampler runs them (eval mode), so that G trains on what it
+    meets. steps: how many to run (max(i) unless given)."""
     fn = model if y is None else (lambda x, t: model(x, t, y))
     abar, x, inputs = diffusion.alphas_cumprod, noise, [noise]
     with torch.no_grad(), read_only(model, frozen=False):
         for k in range(int(i.max()) if steps is None else steps):
             t = torch.full_like(i, int(grid[k]))
             _, x0, _ = diffusion.predict(fn, x, t)
-            x = renoise(x0, abar[grid[k + 1]], draw())
+            abar_t, abar_s = abar[grid[k]], abar[grid[k + 1]]
+            x = renoise(x0, abar_s, draw()) if sampler == "renoise" else ddim_step(x, x0, abar_t,
+                                                                                    abar_s)
             inputs.append(x)
     return torch.stack(inputs)[i, torch.arange(len(i), device=i.device)], grid[i]
 
@@ -131,7 +142,7 @@ class DistributionMatching:
         # drawn for the global batch, so that every rank makes as many draws as one process would
         i = torch.randint(0, self.config.steps, (n,), device=device, generator=batch.generator)
         x, t = backward_simulation(net, self.diffusion, batch.noise(), self.grid, i[batch.mine],
-                                   batch.noise, y, steps=int(i.max()))
+                                   batch.noise, y, int(i.max()), self.config.sampler)
         return denoised(net, self.diffusion, x, t, y)
 
     def noise_levels(self, batch, lo=0.0, hi=1.0):
@@ -189,9 +200,11 @@ class DistributionMatching:
         return self.critic_loss(net, batch) if k == 0 else self.generator_loss(net, batch)
 
 
-def generator_sampler(steps):
-    """What a DMD generator samples with: renoise on the even grid, the steps it trained on."""
-    return SamplerConfig("renoise", steps, None, "even")
+def generator_sampler(config):
+    """What a DMD generator samples with: its sampler on the even grid, the steps it trained on
+    (DDIM deterministic, as the students of progressive distillation sample)."""
+    return SamplerConfig(config.sampler, config.steps, 0.0 if config.sampler == "ddim" else None,
+                         "even")
 
 
 def real_score(teacher, guide, config):
@@ -238,7 +251,7 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
                                   diffusion.to(device), critic, generator, config)
     record = saved["distillation"] if saved is not None else {
         "method": "dmd", "matching": config.to_dict(),
-        "sampler": generator_sampler(config.steps).to_dict(), "round": 1,
+        "sampler": generator_sampler(config).to_dict(), "round": 1,
         "from_steps": config.steps, "to_steps": config.steps, "guidance": config.guidance,
         "source": source, "teacher": teacher_checkpoint(teacher, teacher_diffusion),
         "guide": None if guide is None else {k: v.detach().clone()
@@ -250,10 +263,11 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
     return method, state, save_to
 
 
-def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None):
+def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None, sampler=None):
     """(teacher checkpoint, student checkpoint, MatchingConfig, source record) of a new DMD run
     of distill.py, from its flags --teacher (None: the one the student came from), --student,
-    --to-steps and --autoguidance (None: the teacher's default sampler's)."""
+    --to-steps, --autoguidance (None: the teacher's default sampler's) and --generator-sampler
+    (None: MatchingConfig's)."""
     check(student_path, "--method dmd starts its generator from a distilled student: give "
                         "--student checkpoints/distilled/N-steps (`python distill.py` makes them)")
     student, student_file = open_checkpoint(student_path)
@@ -280,7 +294,8 @@ def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None)
     if autoguidance is None:
         autoguidance = AUTOGUIDANCE if teacher["guide"] is not None else 0.0
     # the guidance the student learned: matched with the teacher guided as it was
-    config = MatchingConfig(steps=steps, guidance=record["guidance"], autoguidance=autoguidance)
+    config = MatchingConfig(steps=steps, sampler=sampler or MatchingConfig.sampler,
+                            guidance=record["guidance"], autoguidance=autoguidance)
     source = {"checkpoint": str(teacher_file), "step": teacher["step"],
               "student": str(student_file)}
     return teacher, student, config, source

@@ -18,7 +18,7 @@ from checkpoint import build_model, load_checkpoint
 from diffusion import Diffusion, DiffusionConfig
 from matching import (Critic, DistributionMatching, MatchingConfig, backward_simulation,
                       matching_loss)
-from samplers import SamplerConfig, generate, sample_renoise
+from samplers import SamplerConfig, generate, sample_ddim, sample_renoise
 from training import Batch, Part, take_step
 from config import TrainConfig
 from conftest import write_idx
@@ -123,21 +123,24 @@ def test_a_critic_trained_with_the_critics_loss_becomes_the_generators_own_denoi
     assert abs(critic.m.item() + 0.2) < 0.02 and abs(critic.log_v.exp().item() - 0.49) < 0.02 * 0.49
 
 
-def test_renoise_makes_n_evaluations_and_backward_simulation_meets_its_states():
+@pytest.mark.parametrize("sampler", matching.JOINS)
+def test_the_sampler_makes_n_evaluations_and_backward_simulation_meets_its_states(sampler):
     steps, calls, states = 4, [], []
     d = diffusion("v")
     G = Affine(0.7, -0.2)
     G.register_forward_hook(lambda *_: calls.append(1))
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(6, *SHAPE, generator=g)
-    sample_renoise(G, d, noise, steps, generator=g, callback=lambda i, t, x, x0: states.append(x),
-                   grid="even")
+    sample = sample_renoise if sampler == "renoise" else sample_ddim  # ddim's eta: 0
+    sample(G, d, noise, steps, generator=g, callback=lambda i, t, x, x0: states.append(x),
+           grid="even")
     assert len(calls) == steps
     grid = matching.even_timesteps(T, steps)
     for i in [torch.full((6,), k) for k in range(steps)] + [torch.tensor([2, 0, 3, 1, 3, 0])]:
         g = torch.Generator().manual_seed(3)
         z = torch.randn(6, *SHAPE, generator=g)
-        x, t = backward_simulation(G, d, z, grid, i, lambda: torch.randn(6, *SHAPE, generator=g))
+        x, t = backward_simulation(G, d, z, grid, i, lambda: torch.randn(6, *SHAPE, generator=g),
+                                   sampler=sampler)
         assert torch.equal(t, grid[i])
         for j, k in enumerate(i.tolist()):  # image j's input at its step k
             assert torch.equal(x[j], noise[j] if k == 0 else states[k - 1][j])
@@ -248,6 +251,23 @@ def test_the_generator_samples_with_its_own_renoise_sampler_and_no_flag(cli, goo
     assert "renoise sampler, 2 steps" in capsys.readouterr().out
 
 
+def test_a_ddim_generator_keeps_its_students_deterministic_sampler(cli, good_checkpoint, pd, capsys):
+    dmd(cli, good_checkpoint, pd, "--generator-sampler", "ddim")
+    ckpt = load_checkpoint(cli.ckpt / "dmd" / "2-steps")
+    own = ckpt["distillation"]["sampler"]
+    assert own == load_checkpoint(pd)["distillation"]["sampler"] == {
+        "sampler": "ddim", "steps": 2, "eta": 0.0, "grid": "even"}
+    assert ckpt["distillation"]["matching"]["sampler"] == "ddim"
+    model, diffusion = build_model(ckpt)
+    draw = lambda seed: generate(model, diffusion, 3, seed, SamplerConfig(**own),
+                                 labels=torch.arange(3), progress=False)
+    assert torch.equal(draw(0), draw(0))
+    capsys.readouterr()
+    sample.main([str(a) for a in ["--checkpoint", cli.ckpt / "dmd" / "2-steps", "--n", 3,
+                                  "--output-dir", cli.out]])
+    assert "ddim sampler, 2 steps, eta 0, even grid" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case, expected", [
     ("student is a trained model", "is a trained model, not a distilled student"),
     ("teacher is a student", "is a distilled student, not a trained model"),
@@ -257,13 +277,16 @@ def test_the_generator_samples_with_its_own_renoise_sampler_and_no_flag(cli, goo
     ("guidance", "drop --guidance"),
     ("no guide", "keeps no guide: drop --autoguidance"),
     ("not dmd", "--student applies to --method dmd"),
+    ("sampler not dmd", "--generator-sampler applies to --method dmd"),
 ])
 def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, case, expected):
     args = {"student is a trained model": ["--student", good_checkpoint],
             "teacher is a student": ["--teacher", pd],
             "other step count": ["--to-steps", 1],
             "no student": ["--student", ""], "again": [], "guidance": ["--guidance", 1],
-            "no guide": ["--autoguidance", 1], "not dmd": ["--method", "progressive"]}[case]
+            "no guide": ["--autoguidance", 1], "not dmd": ["--method", "progressive"],
+            "sampler not dmd": ["--method", "progressive", "--student", "", "--generator-sampler",
+                                "ddim"]}[case]
     if case == "again":
         dmd(cli, good_checkpoint, pd)
     before = {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")}
