@@ -127,8 +127,9 @@ def build_parser():
       help=f"--method dmd: the teacher autoguided by its guide at W as the real score ("
            f"{AUTOGUIDANCE:g} where the teacher keeps a guide, as its default sampler)")
     a("--generator-sampler", choices=JOINS,
-      help=f"--method dmd: how the generator passes each step's x_0 to its next: fresh noise, as "
-           f"in DMD2, or the deterministic DDIM step its --student takes ({MatchingConfig.sampler})")
+      help=f"--method dmd: what joins the generator's steps: renoise (fresh noise, DMD2) or ddim "
+           f"(the deterministic step of the progressive-distillation --student) "
+           f"({MatchingConfig.sampler})")
     a("--seed", type=seed, help="seed for data order, timesteps and noise, the same in each "
                                "round " + d("seed"))
     a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in "
@@ -257,9 +258,9 @@ def run(args):
                               f"them in separate folders")
         if args.method == "dmd" or (args.resume and kinds == {"dmd"}):
             return run_matching(args, ckpt_dir, found, device)
-        dmd_only = [f for f, v in (("--student", args.student), ("--autoguidance", args.autoguidance),
-                                   ("--generator-sampler", args.generator_sampler))
-                    if v is not None]
+        dmd_only = [f"--{k.replace('_', '-')}" for k in ("student", "autoguidance",
+                                                         "generator_sampler")
+                    if getattr(args, k) is not None]
         check(not dmd_only, f"{', '.join(dmd_only)} applies to --method dmd: add it, or drop "
                             f"{', '.join(dmd_only)}")
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)

@@ -191,7 +191,7 @@ def plot_sweep(rows, path):
     several = len({r.get("checkpoint") for r in rows[1:] if not r.get("student")}) > 1
     def label(r):
         if r.get("student"):
-            return ("DMD generators" if r.get("method") == "dmd"
+            return (f"DMD generators ({r['sampler']})" if r.get("method") == "dmd"
                     else "progressive-distillation students")
         eta = f" eta={r['eta']:g}" if r.get("eta") is not None else ""
         return (r["checkpoint"] + ": ") * several + r["sampler"] + eta

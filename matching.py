@@ -116,9 +116,10 @@ def backward_simulation(model, diffusion, noise, grid, i, draw, y=None, steps=No
         for k in range(int(i.max()) if steps is None else steps):
             t = torch.full_like(i, int(grid[k]))
             _, x0, _ = diffusion.predict(fn, x, t)
-            abar_t, abar_s = abar[grid[k]], abar[grid[k + 1]]
-            x = renoise(x0, abar_s, draw()) if sampler == "renoise" else ddim_step(x, x0, abar_t,
-                                                                                    abar_s)
+            if sampler == "ddim":
+                x = ddim_step(x, x0, abar[grid[k]], abar[grid[k + 1]])
+            else:
+                x = renoise(x0, abar[grid[k + 1]], draw())
             inputs.append(x)
     return torch.stack(inputs)[i, torch.arange(len(i), device=i.device)], grid[i]
 
@@ -201,8 +202,9 @@ class DistributionMatching:
 
 
 def generator_sampler(config):
-    """What a DMD generator samples with: its sampler on the even grid, the steps it trained on
-    (DDIM deterministic, as the students of progressive distillation sample)."""
+    """What a DMD generator samples with: config.sampler on the even grid, in config.steps:
+    renoise (Song et al. 2023, Algorithm 1), or DDIM with eta 0 (Song et al. 2021, eq. 12) as
+    progressive-distillation students sample."""
     return SamplerConfig(config.sampler, config.steps, 0.0 if config.sampler == "ddim" else None,
                          "even")
 
@@ -275,6 +277,9 @@ def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None,
     check(record is not None, f"--student {student_file} is a trained model, not a distilled "
                               f"student: give one of distill.py's N-steps/ folders")
     steps = record["sampler"]["steps"]
+    check(sampler != "ddim" or record["sampler"]["sampler"] == "ddim",
+          f"--generator-sampler ddim continues its --student's DDIM, and {student_file} samples "
+          f"with {record['sampler']['sampler']}: give a progressive-distillation student")
     check(to_steps in (None, steps),
           f"--to-steps {to_steps}: the generator starts from {student_file}, a {steps}-step "
           f"student, and takes its steps: give the {to_steps}-step student, or drop --to-steps")

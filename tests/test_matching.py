@@ -278,6 +278,7 @@ def test_a_ddim_generator_keeps_its_students_deterministic_sampler(cli, good_che
     ("no guide", "keeps no guide: drop --autoguidance"),
     ("not dmd", "--student applies to --method dmd"),
     ("sampler not dmd", "--generator-sampler applies to --method dmd"),
+    ("ddim from renoise", "continues its --student's DDIM"),
 ])
 def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, case, expected):
     args = {"student is a trained model": ["--student", good_checkpoint],
@@ -286,8 +287,10 @@ def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, c
             "no student": ["--student", ""], "again": [], "guidance": ["--guidance", 1],
             "no guide": ["--autoguidance", 1], "not dmd": ["--method", "progressive"],
             "sampler not dmd": ["--method", "progressive", "--student", "", "--generator-sampler",
-                                "ddim"]}[case]
-    if case == "again":
+                                "ddim"],
+            "ddim from renoise": ["--student", cli.ckpt / "dmd" / "2-steps", "--generator-sampler",
+                                  "ddim"]}[case]
+    if case in ("again", "ddim from renoise"):
         dmd(cli, good_checkpoint, pd)
     before = {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")}
     err = fails(distill, ["--method", "dmd", "--teacher", good_checkpoint, "--student", pd,
