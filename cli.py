@@ -154,6 +154,13 @@ def check(ok, message):
         raise UserError(message)
 
 
+def given(args, *names):
+    """The flags among names (argparse's dests) that the command line set: a value other than
+    None or False (0 is a value)."""
+    return [f"--{name.rstrip('_').replace('_', '-')}" for name in names
+            if getattr(args, name) is not None and getattr(args, name) is not False]
+
+
 def check_writable(folder, flag, fix=None):
     """Create folder if needed and prove a file can be written there, before any long work
     starts; if not, one line with the fix (by default: another folder with flag)."""

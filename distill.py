@@ -19,7 +19,7 @@ import torch
 from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, make_checkpoint,
                         open_checkpoint, restore, save_checkpoint, teacher_checkpoint)
 from cli import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, ArgumentParser, check, check_writable,
-                 finite, run_command, seed, whole)
+                 finite, given, run_command, seed, whole)
 from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
 from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
 from device import fastest_settings, pick_device
@@ -249,18 +249,16 @@ def run(args):
                                   "somewhere writable and --resume the copy")
     with locked(ckpt_dir):  # from here on no other run changes what is in it
         found = saved_rounds(ckpt_dir)
-        given = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS
+        recipe = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS
                  if args.resume and getattr(args, k) not in (None, False)]
-        check(not given, f"--resume continues the distillation with the settings in its "
-                         f"checkpoints: drop {', '.join(given)}")
+        check(not recipe, f"--resume continues the distillation with the settings in its "
+                          f"checkpoints: drop {', '.join(recipe)}")
         kinds = {c["distillation"].get("method", "progressive") for c, _ in found.values()}
         check(len(kinds) < 2, f"{ckpt_dir}/ holds both progressive rounds and DMD runs: keep "
                               f"them in separate folders")
         if args.method == "dmd" or (args.resume and kinds == {"dmd"}):
             return run_matching(args, ckpt_dir, found, device)
-        dmd_only = [f"--{k.replace('_', '-')}" for k in ("student", "autoguidance",
-                                                         "generator_sampler")
-                    if getattr(args, k) is not None]
+        dmd_only = given(args, "student", "autoguidance", "generator_sampler")
         check(not dmd_only, f"{', '.join(dmd_only)} applies to --method dmd: add it, or drop "
                             f"{', '.join(dmd_only)}")
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)

@@ -212,8 +212,7 @@ def run(args):
     if args.bpd:
         return likelihood(args, load_checkpoint(args.checkpoint[0]), pick_device(args.device))
     args.n = 10000 if args.n is None else args.n  # defaults filled after --bpd has refused them
-    if args.inpaint or args.jumps > 1:
-        check_inpainting(args)
+    mask = check_inpainting(args) if args.inpaint or args.jumps > 1 else None
     args.classifier_dir = args.classifier_dir or "checkpoints"
     device = pick_device(args.device)
     ckpts = {path: load_checkpoint(path) for path in args.checkpoint}
@@ -240,7 +239,7 @@ def run(args):
                                            train_y, *test, device)
     print(f"evaluation classifier: test accuracy {accuracy:.2%}")
     if args.inpaint:
-        return score_inpainting(args, models[runs[0][:2]], classifier, test, out)
+        return score_inpainting(args, mask, models[runs[0][:2]], classifier, test, out)
     reference, floor, score_seconds = score_real(args, classifier, train_x, train_y, test,
                                                  conditional)
     rows = [floor]
@@ -261,7 +260,8 @@ def run(args):
 
 
 def check_inpainting(args):
-    """Refuse what --inpaint cannot score, before a classifier is trained or a folder made."""
+    """--inpaint's mask [1, 1, H, W], after refusing what it cannot score: before a classifier is
+    trained or a folder made."""
     check(args.inpaint, "--jumps is RePaint's resampling, for --inpaint: drop it")
     given = [f"--{k.replace('_', '-')}" for k in ("sweep", "grid", "guidance", "guidance_sweep",
                                                    "unconditional", "no_ema")
@@ -269,16 +269,16 @@ def check_inpainting(args):
     check(not given, f"--inpaint scores one sampler of one teacher's EMA, given no class: drop "
                      f"{', '.join(given)}")
     check_jumps(args.jumps, args.sampler)
-    args.mask = mask_from_flag(args.inpaint)
+    return mask_from_flag(args.inpaint)
 
 
-def score_inpainting(args, built, classifier, test, out):
+def score_inpainting(args, mask, built, classifier, test, out):
     """--inpaint: the first --n test images completed, classified, written to inpainting.json."""
     model, diffusion, autoguidance = built
     sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps)
     x0, labels = to_model_range(test[0][:args.n]), test[1][:args.n]
     accuracy = inpainting_accuracy(lambda x: embed(classifier, x)[1].argmax(1), model, diffusion,
-                                   x0, labels, args.mask, sampler, args.seed, args.jumps,
+                                   x0, labels, mask, sampler, args.seed, args.jumps,
                                    args.batch_size or 64)
     print(", ".join(f"{k} {v:.2%}" for k, v in accuracy.items()))
     result = {"checkpoint": args.checkpoint[0], "mask": args.inpaint, "n": len(x0),

@@ -12,7 +12,7 @@ import torch
 from checkpoint import (SHIPPED, build_guide, build_model, load_checkpoint, resolve_checkpoint,
                         slim_checkpoint)
 from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_new_folder,
-                 check_output, check_writable, finite, is_npz, run_command, seed, whole)
+                 check_output, check_writable, finite, given, is_npz, run_command, seed, whole)
 from data import load_fashion_mnist, parse_class, to_model_range
 from device import pick_device
 from editing import (MASKS, blanked, check_jumps, completions, interpolations, mask_from_flag,
@@ -202,13 +202,6 @@ def draw(args, model, diffusion, sampler, label, student, out):
         print(f"wrote {args.save_npz} ({n} images)")
     if args.save_png:
         print(f"wrote {n} PNGs to {args.save_png}/")
-
-
-def given(args, *names):
-    """The flags among names (argparse's dests) that the command line set: a value other than
-    None or False (0 is a value)."""
-    return [f"--{name.rstrip('_').replace('_', '-')}" for name in names
-            if getattr(args, name) is not None and getattr(args, name) is not False]
 
 
 def export(args, ckpt):
