@@ -6,7 +6,9 @@ Each round's student starts as a copy of its teacher and learns to take, in one 
 step, the two steps its teacher takes; it then teaches the next round. The students predict v
 (sec. 4 of the paper). A thin command line over the rounds: the objective is methods.Distillation,
 the loop training.train. `python distill.py --method dmd --student checkpoints/distilled/1-steps`
-trains one student further, towards the teacher's distribution (DMD2: matching.py)."""
+trains one student further, towards the teacher's distribution (DMD2: matching.py);
+`python distill.py --method ect` tunes the trained model into a 4-step one on data alone (ECT:
+consistency.py)."""
 import argparse
 import math
 import sys
@@ -14,25 +16,23 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from checkpoint import (CHECKPOINT_NAMES, build_model, build_teacher, make_checkpoint,
                         open_checkpoint, restore, save_checkpoint, teacher_checkpoint)
 from cli import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, ArgumentParser, check, check_writable,
                  finite, given, run_command, seed, whole)
+from consistency import ConsistencyConfig, start_tuning, tuning
 from config import MEMORY_FORMATS, PRECISIONS, TrainConfig
-from data import CLASSES, load_fashion_mnist, prepare_fashion_mnist
+from data import load_fashion_mnist, prepare_fashion_mnist
 from device import fastest_settings, pick_device
 from diffusion import Diffusion
-from figures import draw_pictures, save_labelled
-from folders import locked, take_folder
+from figures import draw_pictures, save_students
+from folders import ROUND, locked, saved_rounds, take_folder
 from matching import JOINS, MatchingConfig, matching, start_matching
-from methods import Distillation, halvings, reached_by_halving, student_sampler
-from samplers import AUTOGUIDANCE, GUIDANCE, SamplerConfig, generate
+from methods import (Distillation, halvings, reached_by_halving, student_diffusion,
+                     student_sampler)
+from samplers import AUTOGUIDANCE, GUIDANCE, SamplerConfig
 from training import new_part, new_state, train
 
-# the folder, under --checkpoint-dir, of the student that samples in that many steps
-ROUND = "{}-steps"
 # What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
 RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps",
                 "guidance", "seed", "precision", "memory_format", "checkpoint_every", "overwrite",
@@ -44,25 +44,15 @@ DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, l
 # --method dmd's, where a flag is left out: its one round (docs/results.md, "Distribution matching")
 DMD_DEFAULTS = dict(round_steps=2000, batch_size=64, lr=5e-5, warmup_steps=100, seed=0,
                     checkpoint_every=250)
-# where a run's students and pictures go, by --method, where --checkpoint-dir and --output-dir
-# are left out
+# --method ect's: its one run (docs/results.md, "Consistency tuning")
+ECT_DEFAULTS = dict(round_steps=4000, batch_size=64, lr=2e-4, warmup_steps=100, seed=0,
+                    checkpoint_every=250)
+# one-run methods, saved in N-steps/ as rounds are: (defaults, record key, config, name)
+ONE_RUN = {"dmd": (DMD_DEFAULTS, "matching", MatchingConfig, "distribution matching"),
+           "ect": (ECT_DEFAULTS, "consistency", ConsistencyConfig, "consistency tuning")}
+# where a run's students and pictures go, by --method, without --checkpoint-dir, --output-dir
 FOLDERS = {"progressive": ("checkpoints/distilled", "output/distilled"),
-           "dmd": ("checkpoints/dmd", "output/dmd")}
-
-
-def saved_rounds(folder):
-    """{student steps: (checkpoint, its file)} for every round folder under `folder` that holds
-    one."""
-    found = {}
-    for sub in sorted(Path(folder).glob(ROUND.format("*"))):
-        if (sub.name.split("-")[0].isdigit()
-                and any((sub / name).is_file() for name in CHECKPOINT_NAMES)):
-            ckpt, file = open_checkpoint(sub)
-            check(ckpt["distillation"] is not None,
-                  f"{file} is not a distilled student, yet lies where distill.py keeps its rounds: "
-                  f"move it, or choose another --checkpoint-dir")
-            found[ckpt["distillation"]["sampler"]["steps"]] = ckpt, file
-    return found
+           "dmd": ("checkpoints/dmd", "output/dmd"), "ect": ("checkpoints/ect", "output/ect")}
 
 
 def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, device, folder,
@@ -70,13 +60,9 @@ def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, de
     """Train the student that takes n steps (from `saved`, (a checkpoint of this round, its file),
     if given), saving it in folder: the Distillation method on the one training loop. Returns why it
     stopped early, or None."""
-    # the student's loss is the Distillation's: keep no other
-    variance = teacher_diffusion.config.variance
-    student = replace(teacher_diffusion.config, prediction="v", min_snr_gamma=0.0,
-                      loss="hybrid" if variance == "learned" else "simple")
     ckpt, file = saved or (None, None)
     part, state, diffusion = (new_part(teacher.config, cfg, device), new_state(),
-                              Diffusion(student).to(device))
+                              Diffusion(student_diffusion(teacher_diffusion.config)).to(device))
     if ckpt is not None:
         restore(ckpt, part, state)
     else:  # theta <- eta: the student starts where its teacher is
@@ -101,24 +87,28 @@ def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
 
-    def d(key):  # a flag's default, and --method dmd's where it differs
-        dmd = DMD_DEFAULTS.get(key, DEFAULTS[key])
-        return f"({DEFAULTS[key]:g}{'' if dmd == DEFAULTS[key] else f'; --method dmd: {dmd:g}'})"
-    a("--method", choices=("progressive", "dmd"),
-      help="progressive distillation, round by round (progressive), or distribution matching "
-           "(DMD2) of one distilled --student (dmd)")
+    def d(key):  # a flag's default, and --method dmd's and ect's where they differ
+        other = {k: v[0].get(key, DEFAULTS.get(key)) for k, v in ONE_RUN.items()}
+        return "(" + "; ".join([f"{DEFAULTS[key]:g}"] + [
+            f"--method {k}: {v:g}" for k, v in other.items() if v != DEFAULTS[key]]) + ")"
+    a("--method", choices=("progressive", *ONE_RUN),
+      help="progressive distillation, round by round (progressive); distribution matching "
+           "(DMD2) of one distilled --student (dmd); or consistency tuning (ECT) of the "
+           "--teacher (ect)")
     a("--student", help="--method dmd: the distilled student (file or folder) the generator "
                         "starts from; it takes as many steps")
     a("--teacher", help="the trained checkpoint (file or folder) whose EMA weights teach the first "
-                        "round (checkpoints; --method dmd: the one the --student came from)")
+                        "round (checkpoints; --method dmd: the one the --student came from; "
+                        "--method ect: the one tuned)")
     a("--teacher-steps", type=int, help="the first teacher's DDIM steps; each student takes "
                                         "half " + d("teacher_steps"))
     a("--to-steps", type=int, help="the last student's steps, reached by halving "
-                                   "--teacher-steps " + d("to_steps"))
+                                   "--teacher-steps; --method ect: the tuned model's "
+                                   + d("to_steps"))
     a("--round-steps", type=whole(1, MAX_STEPS), help="optimizer steps per round " + d("round_steps"))
     a("--batch-size", type=whole(1, MAX_BATCH), help="images per step " + d("batch_size"))
     a("--lr", type=finite, help="Adam learning rate after warm-up, decaying linearly to 0 in each "
-                               "round, constant for --method dmd " + d("lr"))
+                               "round, constant for --method dmd and ect " + d("lr"))
     a("--warmup-steps", type=int, help="steps of linear learning-rate warm-up in each "
                                        "round " + d("warmup_steps"))
     a("--guidance", type=finite, help=f"conditional teachers: the guidance scale w the students "
@@ -139,10 +129,11 @@ def build_parser():
       help="of the student's tensors (auto, as in train.py)")
     a("--checkpoint-every", type=whole(1, MAX_STEPS), help="steps between checkpoints within a "
                                            "round " + d("checkpoint_every"))
+    where = "(%s; --method dmd: %s; ect: %s)"
     a("--checkpoint-dir", help="where each round's student goes, in N-steps/ "
-                               "(%s; --method dmd: %s)" % tuple(c for c, _ in FOLDERS.values()))
+                               + where % tuple(c for c, _ in FOLDERS.values()))
     a("--output-dir", help="where each round's samples and students.png go "
-                           "(%s; --method dmd: %s)" % tuple(o for _, o in FOLDERS.values()))
+                           + where % tuple(o for _, o in FOLDERS.values()))
     a("--resume", metavar="DIR", help="continue the distillation in this --checkpoint-dir, "
                                       "with its settings")
     a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds "
@@ -254,10 +245,12 @@ def run(args):
         check(not recipe, f"--resume continues the distillation with the settings in its "
                           f"checkpoints: drop {', '.join(recipe)}")
         kinds = {c["distillation"].get("method", "progressive") for c, _ in found.values()}
-        check(len(kinds) < 2, f"{ckpt_dir}/ holds both progressive rounds and DMD runs: keep "
-                              f"them in separate folders")
-        if args.method == "dmd" or (args.resume and kinds == {"dmd"}):
-            return run_matching(args, ckpt_dir, found, device)
+        check(len(kinds) < 2, f"{ckpt_dir}/ holds runs of several methods "
+                              f"({', '.join(sorted(kinds))}): keep them in separate folders")
+        kind = args.method if args.method in ONE_RUN else args.resume and next(
+            (k for k in kinds if k in ONE_RUN), None)
+        if kind:
+            return run_one(kind, args, ckpt_dir, found, device)
         dmd_only = given(args, "student", "autoguidance", "generator_sampler")
         check(not dmd_only, f"{', '.join(dmd_only)} applies to --method dmd: add it, or drop "
                             f"{', '.join(dmd_only)}")
@@ -286,40 +279,62 @@ def run(args):
             print(f"to continue: python distill.py --resume {ckpt_dir}")
 
 
-def run_matching(args, ckpt_dir, found, device):
-    """--method dmd: one DMD2 run (matching.py) from a distilled student, saved in ckpt_dir/N-steps/
-    as progressive distillation's rounds are; or its continuation, --resume."""
-    if args.resume:
-        check(args.to_steps is not None or len(found) == 1,
-              f"--resume {ckpt_dir} holds DMD runs for {sorted(found)} steps: say which with "
-              f"--to-steps N")
-        steps = args.to_steps if args.to_steps is not None else next(iter(found))
-        check(steps in found, f"--resume {ckpt_dir}: no {steps}-step run there; it holds "
-                              f"{sorted(found)}")
-        saved, _ = found[steps]
-        cfg = TrainConfig(**saved["config"]["train"])
-        config = MatchingConfig(**saved["distillation"]["matching"])
-        method, state, save_to = matching(None, None, config, cfg, device, None, saved)
-    else:
+def new_run(kind, args, found, ckpt_dir, device):
+    """(method, state, save_to, its config, TrainConfig) of a new --method dmd or ect run."""
+    check(args.teacher_steps is None, f"--teacher-steps applies to progressive distillation: "
+                                      f"drop it, or drop --method {kind}")
+    stored = {c["distillation"].get("method", "progressive") for c, _ in found.values()}
+    check(stored <= {kind}, f"{ckpt_dir}/ holds a distillation of another method "
+                            f"({', '.join(sorted(stored))}): choose another --checkpoint-dir")
+    if kind == "dmd":
         check(args.guidance is None, "--method dmd matches the teacher guided as the student "
                                      "learned it: drop --guidance")
         teacher, student, config, source = start_matching(args.teacher, args.student,
                                                           args.to_steps, args.autoguidance,
                                                           args.generator_sampler)
-        check(config.steps not in found or args.overwrite,
-              f"{ckpt_dir}/{ROUND.format(config.steps)} already holds a DMD run: continue it "
-              f"with --resume {ckpt_dir}, replace it with --overwrite, or choose another "
-              f"--checkpoint-dir")
-        cfg = round_config(args, DMD_DEFAULTS, device, "constant")
-        method, state, save_to = matching(teacher, student, config, cfg, device, source)
+    else:
+        other = given(args, "student", "autoguidance", "generator_sampler", "guidance")
+        check(not other, f"--method ect tunes the trained model on data alone, unguided: drop "
+                         f"{', '.join(other)}")
+        teacher, config, source = start_tuning(args.teacher, args.to_steps)
+    check(config.steps not in found or args.overwrite,
+          f"{ckpt_dir}/{ROUND.format(config.steps)} already holds a run of --method {kind}: "
+          f"continue it with --resume {ckpt_dir}, replace it with --overwrite, or choose another "
+          f"--checkpoint-dir")
+    cfg = round_config(args, ONE_RUN[kind][0], device, "constant")
+    built = (matching(teacher, student, config, cfg, device, source) if kind == "dmd"
+             else tuning(teacher, config, cfg, device, source))
+    return (*built, config, cfg)
+
+
+def run_one(kind, args, ckpt_dir, found, device):
+    """--method dmd or ect: one run (matching.py, consistency.py) saved in ckpt_dir/N-steps/ as
+    progressive distillation's rounds are; or its continuation, --resume."""
+    _, record_key, Config, what = ONE_RUN[kind]
+    if args.resume:
+        check(args.to_steps is not None or len(found) == 1,
+              f"--resume {ckpt_dir} holds {kind.upper()} runs for {sorted(found)} steps: say "
+              f"which with --to-steps N")
+        steps = args.to_steps if args.to_steps is not None else next(iter(found))
+        check(steps in found, f"--resume {ckpt_dir}: no {steps}-step run there; it holds "
+                              f"{sorted(found)}")
+        saved, _ = found[steps]
+        cfg = TrainConfig(**saved["config"]["train"])
+        config = Config(**saved["distillation"][record_key])
+        method, state, save_to = (
+            matching(None, None, config, cfg, device, None, saved) if kind == "dmd"
+            else tuning(None, config, cfg, device, None, saved))
+    else:
+        method, state, save_to, config, cfg = new_run(kind, args, found, ckpt_dir, device)
     folder = ckpt_dir / ROUND.format(config.steps)
-    out, images, labels = training_data(args, cfg, device, FOLDERS["dmd"][1])
+    out, images, labels = training_data(args, cfg, device, FOLDERS[kind][1])
     folder.mkdir(parents=True, exist_ok=True)
     take_folder(folder, folder if args.resume else None,
                 found[config.steps][1] if args.resume else None, overwrite=bool(args.overwrite))
-    print(f"distribution matching: a {config.steps}-step generator, {cfg.steps} critic steps "
-          f"({config.critic_updates} per generator step), batch {cfg.batch_size}, lr {cfg.lr:g} "
-          f"({cfg.precision}), on {device}")
+    critic = (f" ({config.critic_updates} critic steps per generator step)" if kind == "dmd"
+              else "")
+    print(f"{what}: a {config.steps}-step model, {cfg.steps} steps{critic}, batch "
+          f"{cfg.batch_size}, lr {cfg.lr:g} ({cfg.precision}), on {device}")
     limit = replace(cfg, max_steps=state["step"] + args.max_steps if args.max_steps else 0)
     stopped = train(method, images, limit, device, state, lambda: save_to(folder), labels)
     if stopped or state["step"] < cfg.steps:
@@ -330,7 +345,8 @@ def run_matching(args, ckpt_dir, found, device):
     model, diffusion = build_model(ckpt, device)
     if args.sample_n:
         where = check_writable(out / folder.name, "--output-dir")
-        draw_pictures(model, diffusion, args.sample_n, where, cfg.seed, learned=config.guidance,
+        draw_pictures(model, diffusion, args.sample_n, where, cfg.seed,
+                      learned=ckpt["distillation"]["guidance"],
                       sampler=SamplerConfig(**ckpt["distillation"]["sampler"]))
         print(f"wrote {where / 'samples.png'}")
 
@@ -373,20 +389,6 @@ def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labe
             print(f"stopped after round {r} by --max-steps")
             return False
     return True
-
-
-def save_students(ckpt_dir, path, device, seed, n=10):
-    """students.png: one row per student, each drawing from the same starting noise (conditional
-    ones one image of each class), so that a row's change shows what halving the steps cost."""
-    rows = []
-    for steps, (ckpt, _) in sorted(saved_rounds(ckpt_dir).items(), reverse=True):
-        model, diffusion = build_model(ckpt, device)
-        labels = torch.arange(n) % len(CLASSES) if model.config.num_classes else None
-        sampler = SamplerConfig(**ckpt["distillation"]["sampler"])
-        images = generate(model, diffusion, n, seed, sampler, labels=labels, progress=False)
-        rows.append((f"{steps} step{'s' * (steps > 1)}", images))
-    save_labelled(rows, path, "Distilled students, the same noise in each row", rows=True)
-    print(f"wrote {path}")
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from checkpoint import build_guide, build_model, load_checkpoint
 from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_writable,
                  finite, interrupted_by_signals, run_command, seed, whole)
+from consistency import consistency_model
 from data import load_fashion_mnist, to_model_range
 from device import pick_device
 from editing import MASKS, check_jumps, inpainting_accuracy, mask_from_flag
@@ -150,7 +151,8 @@ def plan(args, timesteps, conditional, both=True, student=None):
         grid = args.grid or list(dict.fromkeys(capped(*entry.split(":")) for entry in GRID))
         weights = ("ema", "raw") if both else ("ema",)
         return [(w, sampler, guidance) for w in weights for sampler in parse_grid(grid, timesteps)]
-    sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, timesteps, own)
+    sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, timesteps, own,
+                                       any_steps=consistency_model(student))
     scales = args.guidance_sweep or [0.0 if student else guidance]
     return [("raw" if args.no_ema else "ema", sampler, w) for w in scales]
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from checkpoint import build_model
 from data import CLASSES, to_model_range
 from files import atomic_write
-from samplers import GUIDANCE, SamplerConfig, generate_batches
+from folders import saved_rounds
+from samplers import GUIDANCE, SamplerConfig, generate, generate_batches
 
 # the most images samples.png shows (8 a row), and samples_by_class.png of each class: what a
 # picture can show, whatever the n drawn
@@ -191,8 +193,8 @@ def plot_sweep(rows, path):
     several = len({r.get("checkpoint") for r in rows[1:] if not r.get("student")}) > 1
     def label(r):
         if r.get("student"):
-            return (f"DMD generators ({r['sampler']})" if r.get("method") == "dmd"
-                    else "progressive-distillation students")
+            return {"dmd": f"DMD generators ({r['sampler']})", "ect": "ECT models"}.get(
+                r.get("method"), "progressive-distillation students")
         eta = f" eta={r['eta']:g}" if r.get("eta") is not None else ""
         return (r["checkpoint"] + ": ") * several + r["sampler"] + eta
     samplers = sorted({label(r) for r in rows[1:]})
@@ -255,3 +257,17 @@ def draw_pictures(model, diffusion, n, out, seed=0, label=None, guidance=GUIDANC
         save_labelled(list(zip(CLASSES, images.split(columns))), out / "samples_by_class.png",
                       f"One row per class, {student}guidance w = {w:g}", rows=True)
     return total, images
+
+
+def save_students(ckpt_dir, path, device, seed, n=10):
+    """students.png: one row per student, each drawing from the same starting noise (conditional
+    ones one image of each class), so that a row's change shows what halving the steps cost."""
+    rows = []
+    for steps, (ckpt, _) in sorted(saved_rounds(ckpt_dir).items(), reverse=True):
+        model, diffusion = build_model(ckpt, device)
+        labels = torch.arange(n) % len(CLASSES) if model.config.num_classes else None
+        sampler = SamplerConfig(**ckpt["distillation"]["sampler"])
+        images = generate(model, diffusion, n, seed, sampler, labels=labels, progress=False)
+        rows.append((f"{steps} step{'s' * (steps > 1)}", images))
+    save_labelled(rows, path, "Distilled students, the same noise in each row", rows=True)
+    print(f"wrote {path}")

@@ -1,13 +1,14 @@
 """The folder a run writes its checkpoints to: its lock, so that no second run writes there at
-once, and the checks that a new run does not replace an earlier one unless told to."""
+once; the checks that a new run does not replace an earlier one unless told to; and the rounds a
+distillation's folder holds."""
 import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
-from checkpoint import CHECKPOINT_NAMES, resolve_checkpoint
-from cli import UserError
+from checkpoint import CHECKPOINT_NAMES, open_checkpoint, resolve_checkpoint
+from cli import UserError, check
 from files import UMASK
 
 try:
@@ -93,3 +94,22 @@ def take_folder(folder, resume, source, overwrite):
             aside, i = folder / f"ckpt.damaged.{i}.pt", i + 1
         os.replace(damaged, aside)
         print(f"moved the damaged {damaged} to {aside}")
+
+
+# the folder, under --checkpoint-dir, of the student that samples in that many steps
+ROUND = "{}-steps"
+
+
+def saved_rounds(folder):
+    """{student steps: (checkpoint, its file)} for every round folder under `folder` that holds
+    one."""
+    found = {}
+    for sub in sorted(Path(folder).glob(ROUND.format("*"))):
+        if (sub.name.split("-")[0].isdigit()
+                and any((sub / name).is_file() for name in CHECKPOINT_NAMES)):
+            ckpt, file = open_checkpoint(sub)
+            check(ckpt["distillation"] is not None,
+                  f"{file} is not a distilled student, yet lies where distill.py keeps its rounds: "
+                  f"move it, or choose another --checkpoint-dir")
+            found[ckpt["distillation"]["sampler"]["steps"]] = ckpt, file
+    return found

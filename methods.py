@@ -12,6 +12,8 @@ A Method has
                             over the global batch, and keeps this rank's share, batch.mine.
 Denoising is DDPM's objective (train.py), Distillation progressive distillation's (distill.py).
 """
+from dataclasses import replace
+
 import torch
 
 from checkpoint import restore
@@ -77,6 +79,13 @@ def reached_by_halving(teacher_steps, to_steps):
     while n > max(to_steps, 0) and n % 2 == 0:
         n //= 2
     return 1 <= to_steps < teacher_steps and n == to_steps
+
+
+def student_diffusion(config):
+    """A student's DiffusionConfig from its teacher's: v-prediction (Salimans & Ho 2022, sec. 4),
+    and none of the teacher's loss settings, its objective being its method's."""
+    return replace(config, prediction="v", min_snr_gamma=0.0,
+                   loss="hybrid" if config.variance == "learned" else "simple")
 
 
 def student_sampler(steps):

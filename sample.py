@@ -13,6 +13,7 @@ from checkpoint import (SHIPPED, build_guide, build_model, load_checkpoint, reso
                         slim_checkpoint)
 from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_new_folder,
                  check_output, check_writable, finite, given, is_npz, run_command, seed, whole)
+from consistency import consistency_model
 from data import load_fashion_mnist, parse_class, to_model_range
 from device import pick_device
 from editing import (MASKS, blanked, check_jumps, completions, interpolations, mask_from_flag,
@@ -147,7 +148,8 @@ def run(args):
     if args.inpaint or args.interpolate or args.invert:
         return edit(args, model, diffusion, student, autoguidance)
     check(args.jumps == 1, "--jumps is RePaint's resampling, for --inpaint: drop it")
-    sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps, own)
+    sampler = SamplerConfig.from_flags(args.sampler, args.steps, args.eta, diffusion.timesteps, own,
+                                       any_steps=consistency_model(student))
     if args.save_npz:  # first: a refusal leaves even --output-dir as it was
         check_output(args.save_npz, "--save-npz", is_npz)
     if args.save_png:

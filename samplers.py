@@ -238,22 +238,25 @@ class SamplerConfig:
             raise ValueError(f"eta must be a number from 0 to 1, got {self.eta!r}")
 
     @classmethod
-    def from_flags(cls, sampler, steps, eta, timesteps, own=None):
+    def from_flags(cls, sampler, steps, eta, timesteps, own=None, any_steps=False):
         """The settings a command's --sampler, --steps and --eta ask for, resolved for a model of
         `timesteps` steps; a flag that cannot apply is a UserError. own: a distilled student's
-        SamplerConfig, the only one it samples with: a flag that would change it is refused."""
+        SamplerConfig, the only one it samples with: a flag that would change it is refused, but
+        with any_steps (a consistency model, whose x_0 holds at every t) --steps."""
         if own is not None:
             # renoise: the student's own x_0 on its own grid, with fresh noise between its steps
             check(sampler in (None, own.sampler, "renoise") and eta is None,
                   f"this checkpoint is a student distilled to sample in {own.steps} steps with its "
                   f"own sampler ({own.describe()}): drop --sampler (or give renoise, its x_0 "
                   f"with fresh noise between its steps) and --eta")
-            check(steps in (None, own.steps),
-                  f"this student was distilled for {own.steps} steps and cannot take {steps}: "
+            check(steps in (None, own.steps) or (any_steps and 1 <= steps <= timesteps),
+                  f"--steps must be from 1 to the model's {timesteps}, got {steps}" if any_steps
+                  else f"this student was distilled for {own.steps} steps and cannot take {steps}: "
                   f"other counts lie off the grid it learned; drop --steps, or take the student "
                   f"for {steps} beside it")
-            return own if sampler in (None, own.sampler) else cls("renoise", own.steps, None,
-                                                                  own.grid)
+            same = sampler in (None, own.sampler)
+            return cls(own.sampler if same else "renoise", steps or own.steps,
+                       own.eta if same else None, own.grid)
         sampler = sampler or cls.sampler
         check(eta is None or SAMPLER_DEFAULTS[sampler][1] is not None,
               f"--eta applies to ddim and dpm++, not {sampler}")

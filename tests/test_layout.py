@@ -7,7 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = {"unet", "diffusion", "samplers", "methods", "training", "config", "checkpoint", "data", "figures",
-           "metrics", "files", "folders", "cli", "device", "distributed", "matching", "editing"}
+           "metrics", "files", "folders", "cli", "device", "distributed", "matching", "consistency",
+           "editing"}
 SCRIPTS = {"train", "sample", "evaluate", "bench", "distill"}
 
 

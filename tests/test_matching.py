@@ -273,7 +273,7 @@ def test_a_ddim_generator_keeps_its_students_deterministic_sampler(cli, good_che
     ("teacher is a student", "is a distilled student, not a trained model"),
     ("other step count", "a 2-step student, and takes its steps"),
     ("no student", "starts its generator from a distilled student"),
-    ("again", "already holds a DMD run"),
+    ("again", "already holds a run of --method dmd"),
     ("guidance", "drop --guidance"),
     ("no guide", "keeps no guide: drop --autoguidance"),
     ("not dmd", "--student applies to --method dmd"),
