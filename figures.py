@@ -193,8 +193,8 @@ def plot_sweep(rows, path):
     several = len({r.get("checkpoint") for r in rows[1:] if not r.get("student")}) > 1
     def label(r):
         if r.get("student"):
-            return {"dmd": f"DMD generators ({r['sampler']})", "ect": "ECT models"}.get(
-                r.get("method"), "progressive-distillation students")
+            names = {"dmd": f"DMD generators ({r['sampler']})", "ect": "ECT model, any --steps"}
+            return names.get(r.get("method"), "progressive-distillation students")
         eta = f" eta={r['eta']:g}" if r.get("eta") is not None else ""
         return (r["checkpoint"] + ": ") * several + r["sampler"] + eta
     samplers = sorted({label(r) for r in rows[1:]})
