@@ -66,7 +66,8 @@ def build_parser():
     a("--sampler", choices=sorted(SAMPLERS),
       help=f"sampler for a single evaluation ({SamplerConfig.sampler})")
     a("--steps", type=int,
-      help="sampler steps for a single evaluation (the sampler's default, as in sample.py)")
+      help="sampler steps for a single evaluation (the sampler's default, as in sample.py; an "
+           "ECT model takes any)")
     a("--eta", type=finite,
       help="ddim and dpm++: noise, 0 (ODE) to 1 (SDE), for a single evaluation (the sampler's "
            "default, as in sample.py: dpm++ 1, ddim 0)")

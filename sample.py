@@ -64,7 +64,8 @@ def build_parser():
     a("--sampler", choices=sorted(SAMPLERS),
       help=f"reverse-process sampler ({SamplerConfig.sampler}; a distilled student: its own)")
     a("--steps", type=int,
-      help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20)")
+      help="network evaluations, on respaced timesteps (ddpm: all T, ddim: 50, dpm++: 20; a "
+           "distilled student: its own; an ECT model: any, its own by default)")
     a("--eta", type=finite,
       help="ddim and dpm++: noise, 0 deterministic (ODE) to 1 ancestral (SDE) (ddim: 0, dpm++: 1)")
     a("--batch-size", type=whole(1, MAX_BATCH),
