@@ -249,6 +249,8 @@ def run(args):
                               f"({', '.join(sorted(kinds))}): keep them in separate folders")
         kind = args.method if args.method in ONE_RUN else args.resume and next(
             (k for k in kinds if k in ONE_RUN), None)
+        check(not kind or kinds <= {kind}, f"{ckpt_dir}/ holds a distillation of another method "
+                                           f"({', '.join(kinds)}): choose another --checkpoint-dir")
         if kind:
             return run_one(kind, args, ckpt_dir, found, device)
         dmd_only = given(args, "student", "autoguidance", "generator_sampler")
@@ -283,9 +285,6 @@ def new_run(kind, args, found, ckpt_dir, device):
     """(method, state, save_to, its config, TrainConfig) of a new --method dmd or ect run."""
     check(args.teacher_steps is None, f"--teacher-steps applies to progressive distillation: "
                                       f"drop it, or drop --method {kind}")
-    stored = {c["distillation"].get("method", "progressive") for c, _ in found.values()}
-    check(stored <= {kind}, f"{ckpt_dir}/ holds a distillation of another method "
-                            f"({', '.join(sorted(stored))}): choose another --checkpoint-dir")
     if kind == "dmd":
         check(args.guidance is None, "--method dmd matches the teacher guided as the student "
                                      "learned it: drop --guidance")

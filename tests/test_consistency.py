@@ -211,15 +211,17 @@ def test_a_tuned_model_samples_at_any_step_count_and_a_distilled_student_at_its_
     ("no steps", "--to-steps must be from 1 to the model's 20 timesteps, got 0"),
     ("again", "already holds a run of --method ect"),
     ("mixed", "holds runs of several methods"),
+    ("other method", "holds a distillation of another method (progressive)"),
     ("teacher steps", "--teacher-steps applies to progressive distillation"),
 ])
 def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, fails, case, expected):
-    if case in ("again", "teacher is a student", "mixed"):
+    if case in ("again", "teacher is a student", "mixed", "other method"):
         ect(cli, good_checkpoint)
     tuned = cli.ckpt / "ect" / "2-steps"
     args = {"teacher is a student": ["--teacher", tuned, "--checkpoint-dir", cli.ckpt / "other"],
             "student": ["--student", good_checkpoint], "guidance": ["--guidance", 1],
             "no steps": ["--to-steps", 0], "again": [], "mixed": [],
+            "other method": ["--overwrite"],
             "teacher steps": ["--teacher-steps", 8]}[case]
     if case == "mixed":  # a progressive round beside the ECT run
         (cli.ckpt / "ect" / "4-steps").mkdir()
@@ -227,6 +229,10 @@ def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, fails, case,
         ckpt["distillation"] = {**ckpt["distillation"], "method": "progressive",
                                 "sampler": {**ckpt["distillation"]["sampler"], "steps": 4}}
         torch.save(ckpt, cli.ckpt / "ect" / "4-steps" / "ckpt.pt")
+    if case == "other method":  # the folder's one run, a progressive round: not replaced
+        ckpt = load_checkpoint(tuned)
+        ckpt["distillation"] = {**ckpt["distillation"], "method": "progressive"}
+        torch.save(ckpt, tuned / "ckpt.pt")
     before = {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")}
     err = fails(distill, ["--method", "ect", "--teacher", good_checkpoint, "--to-steps", 2,
                           "--data-dir", cli.data, "--checkpoint-dir", cli.ckpt / "ect",
