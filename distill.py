@@ -36,7 +36,7 @@ from training import new_part, new_state, train
 # What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
 RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps",
                 "guidance", "seed", "precision", "memory_format", "checkpoint_every", "overwrite",
-                "method", "student", "autoguidance", "generator_sampler")
+                "method", "student", "autoguidance", "generator_sampler", "gan_weights")
 # A new distillation's settings where a flag is left out: the CPU recipe (docs/results.md,
 # "Progressive distillation").
 DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4,
@@ -67,8 +67,7 @@ def distill_round(n, teacher, teacher_diffusion, record, cfg, images, labels, de
         restore(ckpt, part, state)
     else:  # theta <- eta: the student starts where its teacher is
         part.model.load_state_dict(teacher.state_dict())
-    # Only the trained model is guided: every later teacher is a student that
-    # learned the guided one.
+    # only the trained model is guided: each later teacher is a student that learned it
     guidance = record["guidance"] if record["round"] == 1 else 0.0
     method = Distillation(teacher, teacher_diffusion, diffusion, n, guidance, part=part)
     record = {**record, "sampler": student_sampler(n).to_dict(),
@@ -113,18 +112,18 @@ def build_parser():
                                        "round " + d("warmup_steps"))
     a("--guidance", type=finite, help=f"conditional teachers: the guidance scale w the students "
                                      f"learn ({GUIDANCE:g}); --method dmd: the --student's")
-    a("--autoguidance", type=finite, metavar="W",
-      help=f"--method dmd: the teacher autoguided by its guide at W as the real score ("
-           f"{AUTOGUIDANCE:g} where the teacher keeps a guide, as its default sampler)")
+    a("--autoguidance", type=finite, metavar="W", help=f"--method dmd: the real score, the teacher "
+      f"autoguided at W ({AUTOGUIDANCE:g} if it keeps a guide, as its default sampler)")
     a("--generator-sampler", choices=JOINS,
-      help=f"--method dmd: what joins the generator's steps: renoise (fresh noise, DMD2) or ddim "
-           f"(the deterministic step of the progressive-distillation --student) "
-           f"({MatchingConfig.sampler})")
+      help=f"--method dmd: what joins the generator's steps: fresh noise (renoise, DMD2) or the "
+           f"--student's deterministic DDIM step (ddim) ({MatchingConfig.sampler})")
+    a("--gan-weights", type=finite, nargs=2, metavar=("G", "CRITIC"),
+      help=f"--method dmd: the GAN term's weight in the generator's and in the critic's loss "
+           f"({MatchingConfig.gan_generator:g} {MatchingConfig.gan_critic:g}, DMD2's)")
     a("--seed", type=seed, help="seed for data order, timesteps and noise, the same in each "
                                "round " + d("seed"))
     a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in "
-                                              "train.py (auto); the teacher's targets are always "
-                                              "full fp32")
+                                              "train.py (auto); the teacher's targets: fp32")
     a("--memory-format", choices=MEMORY_FORMATS,
       help="of the student's tensors (auto, as in train.py)")
     a("--checkpoint-every", type=whole(1, MAX_STEPS), help="steps between checkpoints within a "
@@ -159,8 +158,7 @@ def settings_from(args, found, device):
               f"{file} is from round {first['distillation']['round']}, and the first round's "
               f"folder is missing: cannot continue without it")
         record = {k: v for k, v in first["distillation"].items() if k != "teacher"}
-        # the first round's: the trained model
-        teacher, teacher_diffusion = build_teacher(first, device)
+        teacher, teacher_diffusion = build_teacher(first, device)  # round 1's: the trained model
         cfg = TrainConfig(**first["config"]["train"])
         # the latest aim
         to_steps = last["distillation"]["to_steps"] if args.to_steps is None else args.to_steps
@@ -253,7 +251,7 @@ def run(args):
                                            f"({', '.join(kinds)}): choose another --checkpoint-dir")
         if kind:
             return run_one(kind, args, ckpt_dir, found, device)
-        dmd_only = given(args, "student", "autoguidance", "generator_sampler")
+        dmd_only = given(args, "student", "autoguidance", "generator_sampler", "gan_weights")
         check(not dmd_only, f"{', '.join(dmd_only)} applies to --method dmd: add it, or drop "
                             f"{', '.join(dmd_only)}")
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
@@ -290,9 +288,11 @@ def new_run(kind, args, found, ckpt_dir, device):
                                      "learned it: drop --guidance")
         teacher, student, config, source = start_matching(args.teacher, args.student,
                                                           args.to_steps, args.autoguidance,
-                                                          args.generator_sampler)
+                                                          args.generator_sampler,
+                                                          args.gan_weights)
     else:
-        other = given(args, "student", "autoguidance", "generator_sampler", "guidance")
+        other = given(args, "student", "autoguidance", "generator_sampler", "gan_weights",
+                      "guidance")
         check(not other, f"--method ect tunes the trained model on data alone, unguided: drop "
                          f"{', '.join(other)}")
         teacher, config, source = start_tuning(args.teacher, args.to_steps)
@@ -356,8 +356,7 @@ def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labe
     finished, each student teaching the next, and draw each new student's samples. budget: the
     optimizer steps this command may take. Returns whether every round is finished."""
     for r, n, folder, saved in rounds:
-        # a finished round: its student teaches the next
-        if saved is not None and saved[0]["step"] >= cfg.steps:
+        if saved is not None and saved[0]["step"] >= cfg.steps:  # finished: it teaches the next
             teacher, teacher_diffusion = build_model(saved[0], device)
             continue
         if saved is not None:  # a round cut short: resumed against the teacher it kept
@@ -376,8 +375,7 @@ def distill_rounds(rounds, teacher, teacher_diffusion, record, cfg, images, labe
         print(f"round {r}: the {n}-step student trained in {(time.time() - started) / 60:.1f} min, "
               f"loss {sum(history) / len(history):.4g} over its last {len(history)} steps; "
               f"saved in {folder}/")
-        # exactly what a resumed run would load
-        teacher, teacher_diffusion = build_model(ckpt, device)
+        teacher, teacher_diffusion = build_model(ckpt, device)  # as a resumed run loads it
         if sample_n:
             sampler = SamplerConfig(**ckpt["distillation"]["sampler"])
             where = check_writable(out / folder.name, "--output-dir")

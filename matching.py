@@ -265,11 +265,12 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
     return method, state, save_to
 
 
-def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None, sampler=None):
+def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None, sampler=None,
+                   gan_weights=None):
     """(teacher checkpoint, student checkpoint, MatchingConfig, source record) of a new DMD run
     of distill.py, from its flags --teacher (None: the one the student came from), --student,
-    --to-steps, --autoguidance (None: the teacher's default sampler's) and --generator-sampler
-    (None: MatchingConfig's)."""
+    --to-steps, --autoguidance (None: the teacher's default sampler's), --generator-sampler and
+    --gan-weights (None: MatchingConfig's)."""
     check(student_path, "--method dmd starts its generator from a distilled student: give "
                         "--student checkpoints/distilled/N-steps (`python distill.py` makes them)")
     student, student_file = open_checkpoint(student_path)
@@ -296,11 +297,14 @@ def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None,
           f"--autoguidance: the teacher {teacher_file} keeps no guide: drop --autoguidance")
     check(autoguidance is None or autoguidance >= 0,
           f"--autoguidance must be 0 (off) or more, got {autoguidance}")
+    check(gan_weights is None or min(gan_weights) >= 0,
+          f"--gan-weights must be 0 (off) or more, got {' '.join(map(str, gan_weights or []))}")
+    gan = dict(zip(("gan_generator", "gan_critic"), gan_weights or ()))
     if autoguidance is None:
         autoguidance = AUTOGUIDANCE if teacher["guide"] is not None else 0.0
     # the guidance the student learned: matched with the teacher guided as it was
     config = MatchingConfig(steps=steps, sampler=sampler or MatchingConfig.sampler,
-                            guidance=record["guidance"], autoguidance=autoguidance)
+                            guidance=record["guidance"], autoguidance=autoguidance, **gan)
     source = {"checkpoint": str(teacher_file), "step": teacher["step"],
               "student": str(student_file)}
     return teacher, student, config, source

@@ -207,6 +207,7 @@ def test_a_tuned_model_samples_at_any_step_count_and_a_distilled_student_at_its_
 @pytest.mark.parametrize("case, expected", [
     ("teacher is a student", "is a distilled student, not a trained model"),
     ("student", "on data alone, unguided: drop --student"),
+    ("gan", "on data alone, unguided: drop --gan-weights"),
     ("guidance", "drop --guidance"),
     ("no steps", "--to-steps must be from 1 to the model's 20 timesteps, got 0"),
     ("again", "already holds a run of --method ect"),
@@ -220,6 +221,7 @@ def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, fails, case,
     tuned = cli.ckpt / "ect" / "2-steps"
     args = {"teacher is a student": ["--teacher", tuned, "--checkpoint-dir", cli.ckpt / "other"],
             "student": ["--student", good_checkpoint], "guidance": ["--guidance", 1],
+            "gan": ["--gan-weights", 1, 1],
             "no steps": ["--to-steps", 0], "again": [], "mixed": [],
             "other method": ["--overwrite"],
             "teacher steps": ["--teacher-steps", 8]}[case]

@@ -279,6 +279,8 @@ def test_a_ddim_generator_keeps_its_students_deterministic_sampler(cli, good_che
     ("not dmd", "--student applies to --method dmd"),
     ("sampler not dmd", "--generator-sampler applies to --method dmd"),
     ("ddim from renoise", "continues its --student's DDIM"),
+    ("negative gan", "--gan-weights must be 0 (off) or more, got -1.0 0.01"),
+    ("gan not dmd", "--gan-weights applies to --method dmd"),
 ])
 def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, case, expected):
     args = {"student is a trained model": ["--student", good_checkpoint],
@@ -289,7 +291,9 @@ def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, c
             "sampler not dmd": ["--method", "progressive", "--student", "", "--generator-sampler",
                                 "ddim"],
             "ddim from renoise": ["--student", cli.ckpt / "dmd" / "2-steps", "--generator-sampler",
-                                  "ddim"]}[case]
+                                  "ddim"],
+            "negative gan": ["--gan-weights", -1, 0.01],
+            "gan not dmd": ["--method", "progressive", "--student", "", "--gan-weights", 1, 1]}[case]
     if case in ("again", "ddim from renoise"):
         dmd(cli, good_checkpoint, pd)
     before = {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")}
@@ -297,6 +301,17 @@ def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, c
                           "--data-dir", cli.data, "--checkpoint-dir", cli.ckpt / "dmd",
                           "--output-dir", cli.out, *args])
     assert expected in err and {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")} == before
+
+
+def test_gan_weights_are_the_runs_and_resume_keeps_them(cli, good_checkpoint, pd, fails):
+    dmd(cli, good_checkpoint, pd, "--gan-weights", 0.5, 0, "--max-steps", 2)
+    record = lambda: load_checkpoint(cli.ckpt / "dmd" / "2-steps")["distillation"]["matching"]
+    assert (record()["gan_generator"], record()["gan_critic"]) == (0.5, 0.0)
+    resume = ["--resume", cli.ckpt / "dmd", "--data-dir", cli.data, "--output-dir", cli.out,
+              "--sample-n", 0]
+    assert "drop --gan-weights" in fails(distill, [*resume, "--gan-weights", 1, 1])
+    distill.main([str(a) for a in resume])
+    assert (record()["gan_generator"], record()["gan_critic"]) == (0.5, 0.0)
 
 
 def test_with_the_teacher_as_critic_and_dropout_on_the_gradient_is_exactly_zero(tiny_config):
