@@ -271,6 +271,9 @@ def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None,
     of distill.py, from its flags --teacher (None: the one the student came from), --student,
     --to-steps, --autoguidance (None: the teacher's default sampler's), --generator-sampler and
     --gan-weights (None: MatchingConfig's)."""
+    weights = " ".join(f"{w:g}" for w in gan_weights or ())
+    check(not weights or min(gan_weights) >= 0,
+          f"--gan-weights must be 0 (off) or more, got {weights}")
     check(student_path, "--method dmd starts its generator from a distilled student: give "
                         "--student checkpoints/distilled/N-steps (`python distill.py` makes them)")
     student, student_file = open_checkpoint(student_path)
@@ -297,8 +300,6 @@ def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None,
           f"--autoguidance: the teacher {teacher_file} keeps no guide: drop --autoguidance")
     check(autoguidance is None or autoguidance >= 0,
           f"--autoguidance must be 0 (off) or more, got {autoguidance}")
-    check(gan_weights is None or min(gan_weights) >= 0,
-          f"--gan-weights must be 0 (off) or more, got {' '.join(map(str, gan_weights or []))}")
     gan = dict(zip(("gan_generator", "gan_critic"), gan_weights or ()))
     if autoguidance is None:
         autoguidance = AUTOGUIDANCE if teacher["guide"] is not None else 0.0

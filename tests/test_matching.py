@@ -279,7 +279,7 @@ def test_a_ddim_generator_keeps_its_students_deterministic_sampler(cli, good_che
     ("not dmd", "--student applies to --method dmd"),
     ("sampler not dmd", "--generator-sampler applies to --method dmd"),
     ("ddim from renoise", "continues its --student's DDIM"),
-    ("negative gan", "--gan-weights must be 0 (off) or more, got -1.0 0.01"),
+    ("negative gan", "--gan-weights must be 0 (off) or more, got -1 0.01"),
     ("gan not dmd", "--gan-weights applies to --method dmd"),
 ])
 def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, case, expected):
@@ -293,7 +293,8 @@ def test_bad_requests_are_refused_in_one_line(cli, good_checkpoint, pd, fails, c
             "ddim from renoise": ["--student", cli.ckpt / "dmd" / "2-steps", "--generator-sampler",
                                   "ddim"],
             "negative gan": ["--gan-weights", -1, 0.01],
-            "gan not dmd": ["--method", "progressive", "--student", "", "--gan-weights", 1, 1]}[case]
+            "gan not dmd": ["--method", "progressive", "--student", "", "--gan-weights", 1,
+                            1]}[case]
     if case in ("again", "ddim from renoise"):
         dmd(cli, good_checkpoint, pd)
     before = {p: p.read_bytes() for p in cli.ckpt.rglob("*.pt")}
