@@ -50,6 +50,8 @@ ECT_DEFAULTS = dict(round_steps=4000, batch_size=64, lr=2e-4, warmup_steps=100, 
 # one-run methods, saved in N-steps/ as rounds are: (defaults, record key, config, name)
 ONE_RUN = {"dmd": (DMD_DEFAULTS, "matching", MatchingConfig, "distribution matching"),
            "ect": (ECT_DEFAULTS, "consistency", ConsistencyConfig, "consistency tuning")}
+# the flags only --method dmd takes: refused with the other methods
+DMD_FLAGS = ("student", "autoguidance", "generator_sampler", "gan_weights")
 # where a run's students and pictures go, by --method, without --checkpoint-dir, --output-dir
 FOLDERS = {"progressive": ("checkpoints/distilled", "output/distilled"),
            "dmd": ("checkpoints/dmd", "output/dmd"), "ect": ("checkpoints/ect", "output/ect")}
@@ -251,7 +253,7 @@ def run(args):
                                            f"({', '.join(kinds)}): choose another --checkpoint-dir")
         if kind:
             return run_one(kind, args, ckpt_dir, found, device)
-        dmd_only = given(args, "student", "autoguidance", "generator_sampler", "gan_weights")
+        dmd_only = given(args, *DMD_FLAGS)
         check(not dmd_only, f"{', '.join(dmd_only)} applies to --method dmd: add it, or drop "
                             f"{', '.join(dmd_only)}")
         teacher, teacher_diffusion, record, cfg, to_steps = settings_from(args, found, device)
@@ -291,8 +293,7 @@ def new_run(kind, args, found, ckpt_dir, device):
                                                           args.generator_sampler,
                                                           args.gan_weights)
     else:
-        other = given(args, "student", "autoguidance", "generator_sampler", "gan_weights",
-                      "guidance")
+        other = given(args, *DMD_FLAGS, "guidance")
         check(not other, f"--method ect tunes the trained model on data alone, unguided: drop "
                          f"{', '.join(other)}")
         teacher, config, source = start_tuning(args.teacher, args.to_steps)
