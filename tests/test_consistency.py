@@ -10,12 +10,12 @@ from torch.testing import assert_close
 
 import distill
 import sample
-from checkpoint import build_model, load_checkpoint
+from checkpoint import load_checkpoint
 from cli import UserError
 from consistency import ConsistencyConfig, ConsistencyTuning, consistency_model
 from diffusion import Diffusion, DiffusionConfig
-from samplers import SamplerConfig, generate
-from test_matching import flat
+from samplers import SamplerConfig
+from test_matching import draws_with_its_two_renoise_steps, flat
 from training import Batch, Part
 
 T = 20
@@ -171,16 +171,7 @@ def test_the_tuned_model_samples_with_its_own_renoise_sampler_and_no_flag(cli, g
     assert record["method"] == "ect" and record["consistency"]["steps"] == 2
     assert ckpt["config"]["diffusion"]["prediction"] == "v"
     assert ckpt["config"]["model"] == load_checkpoint(good_checkpoint)["config"]["model"]
-    model, diffusion = build_model(ckpt)
-    calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
-    images = generate(model, diffusion, 5, sampler=SamplerConfig(**record["sampler"]),
-                      labels=torch.arange(5), progress=False)
-    assert len(calls) == 2 and images.shape == (5, 1, 28, 28) and images.abs().max() <= 1
-    capsys.readouterr()
-    sample.main([str(a) for a in ["--checkpoint", cli.ckpt / "ect" / "2-steps", "--n", 3,
-                                  "--output-dir", cli.out]])
-    assert "renoise sampler, 2 steps" in capsys.readouterr().out
+    draws_with_its_two_renoise_steps(cli.ckpt / "ect" / "2-steps", cli.out, capsys)
 
 
 def test_a_tuned_model_samples_at_any_step_count_and_a_distilled_student_at_its_own(

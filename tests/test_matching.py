@@ -239,6 +239,13 @@ def test_the_generator_samples_with_its_own_renoise_sampler_and_no_flag(cli, goo
     ckpt = load_checkpoint(cli.ckpt / "dmd" / "2-steps")
     assert ckpt["distillation"]["sampler"] == {"sampler": "renoise", "steps": 2, "eta": None,
                                                "grid": "even"}
+    draws_with_its_two_renoise_steps(cli.ckpt / "dmd" / "2-steps", cli.out, capsys)
+
+
+def draws_with_its_two_renoise_steps(folder, out, capsys):
+    """The one-run checkpoint in folder draws with the 2-step renoise sampler its record keeps:
+    two network evaluations, images in [-1, 1]; and sample.py draws with it, given no flag."""
+    ckpt = load_checkpoint(folder)
     model, diffusion = build_model(ckpt)
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
@@ -246,8 +253,7 @@ def test_the_generator_samples_with_its_own_renoise_sampler_and_no_flag(cli, goo
                       labels=torch.arange(5), progress=False)
     assert len(calls) == 2 and images.shape == (5, 1, 28, 28) and images.abs().max() <= 1
     capsys.readouterr()
-    sample.main([str(a) for a in ["--checkpoint", cli.ckpt / "dmd" / "2-steps", "--n", 3,
-                                  "--output-dir", cli.out]])
+    sample.main([str(a) for a in ["--checkpoint", folder, "--n", 3, "--output-dir", out]])
     assert "renoise sampler, 2 steps" in capsys.readouterr().out
 
 
