@@ -18,7 +18,7 @@ from unet import UNet, UNetConfig, planned_parameters
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained" / "fashion-mnist.pt"  # slim_checkpoint()
 FORMAT = "ddpm-fashion-mnist"  # stored in every checkpoint; anything else is not ours
-VERSION = 10  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
+VERSION = 11  # bumped whenever what a checkpoint holds changes; _upgrade() reads every older one
 CHECKPOINT_NAMES = ("ckpt.pt", "ckpt.prev.pt")  # newest first
 REQUIRED = ("model", "ema", "config", "step", "epoch")  # to sample; resuming needs RESUME too
 RESUME = ("optimizer", "ema_updates", "history", "timestep_history")
@@ -38,7 +38,6 @@ def save_checkpoint(ckpt, folder):
 def make_checkpoint(part, diffusion, train_config, state, world_size, importance=None,
                     distillation=None, others=()):
     """Everything needed to rebuild the model (configs as plain types) and to resume exactly.
-
     part: the training.Part trained (model, Adam, EMA); state: the loop's (step, epoch, history).
     Random draws need no saved state: the loop derives each step's from (seed, step, rank).
     importance: L_vlb's timestep sampler, whose history resuming needs. distillation: a distilled
@@ -62,9 +61,8 @@ def make_checkpoint(part, diffusion, train_config, state, world_size, importance
 
 
 def slim_checkpoint(ckpt, dtype=torch.float16):
-    """What drawing needs of a checkpoint, as the repo ships one: its EMA and guide in `dtype`; no
-    raw weights, optimizer or history, so it samples and cannot be resumed. fp16 rather than bf16:
-    three more mantissa bits, and trained weights lie well inside its range."""
+    """What drawing needs of a checkpoint, as the repo ships one: its EMA and guide in `dtype`
+    (fp16: 3 more mantissa bits than bf16, ample range); nothing to resume a run from."""
     def cast(weights):
         return weights and {k: v.to(dtype) if v.is_floating_point() else v
                             for k, v in weights.items()}
@@ -75,8 +73,7 @@ def slim_checkpoint(ckpt, dtype=torch.float16):
 # ---------------------------------------------------------------------------- reading
 
 def resolve_checkpoint(path):
-    """A checkpoint file, or the newest one in a folder (ckpt.pt, else ckpt.prev.pt if a save was
-    cut short)."""
+    """A checkpoint file, or a folder's newest (ckpt.pt; ckpt.prev.pt if a save was cut short)."""
     path = Path(path)
     if path.is_file():
         return path
@@ -178,6 +175,15 @@ def _from_v6(ckpt):
     return ckpt
 
 
+def _from_v10(ckpt):
+    """11 gave DMD the regression term, off in every earlier run, and its record the anchor."""
+    record = ckpt.get("distillation")  # a file without one is refused after the upgrades
+    if isinstance(record, dict) and isinstance(record.get("matching"), dict):
+        ckpt = {**ckpt, "distillation": {**record, "anchor": None,
+                                         "matching": {"anchor": 0.0, **record["matching"]}}}
+    return ckpt
+
+
 # version v -> v + 1, for each v
 UPGRADES = {1: _from_v1, 2: _from_v2,
             # 4 added the learning-rate decay, the EMA's power, steps and the memory format
@@ -190,7 +196,8 @@ UPGRADES = {1: _from_v1, 2: _from_v2,
             # 9 keeps an early EMA of the run, autoguidance's guide; no earlier run kept one
             8: lambda ckpt: {**_with_train_fields(ckpt, V8_TRAIN), "guide": None},
             # 10 keeps the networks a method trains beside the model (a critic); none did before
-            9: lambda ckpt: {**ckpt, "parts": []}}
+            9: lambda ckpt: {**ckpt, "parts": []},
+            10: _from_v10}
 
 
 def _version(ckpt, path):
@@ -375,22 +382,19 @@ def build_model(ckpt, device="cpu", ema=True):
 
 
 def build_guide(ckpt, device="cpu"):
-    """The early EMA a checkpoint keeps as autoguidance's guide (samplers.Autoguided), as a model;
-    None if it keeps none."""
+    """The early EMA a checkpoint keeps as autoguidance's guide (samplers.Autoguided), or None."""
     if ckpt.get("guide") is None:
         return None
     return build_model({"config": ckpt["config"], "ema": ckpt["guide"]}, device)[0]
 
 
 def teacher_checkpoint(model, diffusion):
-    """A model's weights and configs as a distilled checkpoint keeps its teacher: build_teacher()
-    reads it back."""
+    """A model's weights and configs as a distilled checkpoint keeps its teacher (build_teacher)."""
     return {"config": {"model": model.config.to_dict(), "diffusion": diffusion.config.to_dict()},
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
 def build_teacher(ckpt, device="cpu"):
-    """The teacher a distilled checkpoint learned from, rebuilt from the copy it keeps: (model,
-    diffusion)."""
+    """The teacher a distilled checkpoint keeps a copy of, rebuilt: (model, diffusion)."""
     teacher = ckpt["distillation"]["teacher"]
     return build_model({"config": teacher["config"], "ema": teacher["weights"]}, device)

@@ -36,7 +36,7 @@ from training import new_part, new_state, train
 # What --resume takes from the checkpoints, never from the flags: the recipe and what is distilled.
 RECIPE_FLAGS = ("teacher", "teacher_steps", "round_steps", "batch_size", "lr", "warmup_steps",
                 "guidance", "seed", "precision", "memory_format", "checkpoint_every", "overwrite",
-                "method", "student", "autoguidance", "generator_sampler", "gan_weights")
+                "method", "student", "autoguidance", "generator_sampler", "gan_weights", "anchor")
 # A new distillation's settings where a flag is left out: the CPU recipe (docs/results.md,
 # "Progressive distillation").
 DEFAULTS = dict(teacher_steps=64, to_steps=4, round_steps=1000, batch_size=64, lr=2e-4,
@@ -51,7 +51,7 @@ ECT_DEFAULTS = dict(round_steps=4000, batch_size=64, lr=2e-4, warmup_steps=100, 
 ONE_RUN = {"dmd": (DMD_DEFAULTS, "matching", MatchingConfig, "distribution matching"),
            "ect": (ECT_DEFAULTS, "consistency", ConsistencyConfig, "consistency tuning")}
 # the flags only --method dmd takes: refused with the other methods
-DMD_FLAGS = ("student", "autoguidance", "generator_sampler", "gan_weights")
+DMD_FLAGS = ("student", "autoguidance", "generator_sampler", "gan_weights", "anchor")
 # where a run's students and pictures go, by --method, without --checkpoint-dir, --output-dir
 FOLDERS = {"progressive": ("checkpoints/distilled", "output/distilled"),
            "dmd": ("checkpoints/dmd", "output/dmd"), "ect": ("checkpoints/ect", "output/ect")}
@@ -122,12 +122,13 @@ def build_parser():
     a("--gan-weights", type=finite, nargs=2, metavar=("G", "CRITIC"),
       help=f"--method dmd: the GAN term's weight in the generator's and in the critic's loss "
            f"({MatchingConfig.gan_generator:g} {MatchingConfig.gan_critic:g}, DMD2's)")
+    a("--anchor", type=finite, metavar="W", help=f"--method dmd: weight of DMD's regression term, "
+      f"pulling G's x_0 to the --student's at each input ({MatchingConfig.anchor:g}: off)")
     a("--seed", type=seed, help="seed for data order, timesteps and noise, the same in each "
                                "round " + d("seed"))
     a("--precision", choices=PRECISIONS, help="the student's: fp32, bf16 autocast, or auto as in "
                                               "train.py (auto); the teacher's targets: fp32")
-    a("--memory-format", choices=MEMORY_FORMATS,
-      help="of the student's tensors (auto, as in train.py)")
+    a("--memory-format", choices=MEMORY_FORMATS, help="the student's memory layout (auto)")
     a("--checkpoint-every", type=whole(1, MAX_STEPS), help="steps between checkpoints within a "
                                            "round " + d("checkpoint_every"))
     where = "(%s; --method dmd: %s; ect: %s)"
@@ -137,8 +138,7 @@ def build_parser():
                            + where % tuple(o for _, o in FOLDERS.values()))
     a("--resume", metavar="DIR", help="continue the distillation in this --checkpoint-dir, "
                                       "with its settings")
-    a("--overwrite", action="store_true", help="start afresh in a --checkpoint-dir that holds "
-                                               "a distillation")
+    a("--overwrite", action="store_true", help="replace the --checkpoint-dir's distillation")
     a("--max-steps", type=whole(0, MAX_STEPS),
       help="optimizer steps this command takes, over its rounds, then stop (0: no limit)")
     a("--sample-n", type=whole(0, MAX_IMAGES), default=64,
@@ -240,8 +240,7 @@ def run(args):
                                   "somewhere writable and --resume the copy")
     with locked(ckpt_dir):  # from here on no other run changes what is in it
         found = saved_rounds(ckpt_dir)
-        recipe = [f"--{k.replace('_', '-')}" for k in RECIPE_FLAGS
-                 if args.resume and getattr(args, k) not in (None, False)]
+        recipe = given(args, *RECIPE_FLAGS) if args.resume else []  # --seed 0 is given too
         check(not recipe, f"--resume continues the distillation with the settings in its "
                           f"checkpoints: drop {', '.join(recipe)}")
         kinds = {c["distillation"].get("method", "progressive") for c, _ in found.values()}
@@ -291,7 +290,7 @@ def new_run(kind, args, found, ckpt_dir, device):
         teacher, student, config, source = start_matching(args.teacher, args.student,
                                                           args.to_steps, args.autoguidance,
                                                           args.generator_sampler,
-                                                          args.gan_weights)
+                                                          args.gan_weights, args.anchor)
     else:
         other = given(args, *DMD_FLAGS, "guidance")
         check(not other, f"--method ect tunes the trained model on data alone, unguided: drop "

@@ -4,9 +4,11 @@ the teacher's distribution, not to copy its sampler's path. Its gradient is the 
 scores at a random noise level: the frozen teacher's (the real one) and a critic's (the fake one),
 a copy of the teacher fitted to G's own samples, updated several times per update of G. A small
 head on the critic's bottleneck, trained to tell noised real images from noised generated ones,
-adds a GAN term. A method on the one training loop (training.train): parts [critic, generator].
+adds a GAN term; DMD's first version's regression term, optional here, holds G near the student it
+started from. A method on the one training loop (training.train): parts [critic, generator].
 """
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,6 +40,7 @@ class MatchingConfig:
     t_high: float = 0.98  # and the cleanest are left out, as in DMD2
     guidance: float = 0.0  # the real score's classifier-free guidance w (conditional teachers)
     autoguidance: float = 0.0  # the real score's autoguidance w (a teacher keeping a guide)
+    anchor: float = 0.0  # weight of the regression term towards the starting student's x_0 (off)
 
     def __post_init__(self):
         if not (type(self.steps) is int and self.steps >= 1):
@@ -49,8 +52,9 @@ class MatchingConfig:
                              f"got {self.critic_updates!r}")
         if not 0 <= self.t_low < self.t_high <= 1:
             raise ValueError(f"need 0 <= t_low < t_high <= 1, got {self.t_low}, {self.t_high}")
-        if min(self.gan_generator, self.gan_critic, self.guidance, self.autoguidance) < 0:
-            raise ValueError("GAN weights and guidance scales are 0 or more")
+        if not all(0 <= w < math.inf for w in (self.gan_generator, self.gan_critic,
+                                                self.guidance, self.autoguidance, self.anchor)):
+            raise ValueError("GAN and anchor weights and guidance scales are 0 or more, finite")
 
     def to_dict(self):
         return asdict(self)
@@ -127,24 +131,45 @@ def backward_simulation(model, diffusion, noise, grid, i, draw, y=None, steps=No
 class DistributionMatching:
     """DMD2 on the loop: part 0 the critic, stepped every step, part 1 the generator, stepped every
     config.critic_updates steps. real(x, t[, y]): the teacher (autoguided, if asked), in the
-    parametrisation of real_diffusion, which the critic shares; diffusion: the generator's."""
+    parametrisation of real_diffusion, which the critic shares; diffusion: the generator's;
+    anchor: the frozen student G started as, read where config.anchor > 0."""
 
-    def __init__(self, real, real_diffusion, diffusion, critic, generator, config):
+    def __init__(self, real, real_diffusion, diffusion, critic, generator, config, anchor=None):
+        if config.anchor and anchor is None:
+            raise ValueError("config.anchor > 0 needs the anchor network")
         self.real, self.real_diffusion, self.diffusion = real, real_diffusion, diffusion
+        self.anchor = anchor
         self.config, self.parts = config, [critic, generator]
         generator.every = config.critic_updates
         self.grid = even_timesteps(diffusion.timesteps, config.steps).to(
             diffusion.alphas_cumprod.device)
 
-    def generate(self, net, batch, y):
-        """G's samples x_0 from this rank's share of fresh noise, each from a step drawn uniformly,
-        its input made by backward_simulation: [B, C, H, W], with gradient where net takes it."""
+    def inputs(self, net, batch, y):
+        """(x_t, t) of G's step, for this rank's share of fresh noise, each from a step drawn
+        uniformly, made by backward_simulation: [B, C, H, W], [B]."""
         n, device = len(batch.x0), batch.x0.device
         # drawn for the global batch, so that every rank makes as many draws as one process would
         i = torch.randint(0, self.config.steps, (n,), device=device, generator=batch.generator)
-        x, t = backward_simulation(net, self.diffusion, batch.noise(), self.grid, i[batch.mine],
+        return backward_simulation(net, self.diffusion, batch.noise(), self.grid, i[batch.mine],
                                    batch.noise, y, int(i.max()), self.config.sampler)
-        return denoised(net, self.diffusion, x, t, y)
+
+    def generate(self, net, batch, y):
+        """G's samples x_0 at self.inputs: [B, C, H, W], with gradient where net takes it."""
+        return denoised(net, self.diffusion, *self.inputs(net, batch, y), y)
+
+    def anchored(self, net, batch, y):
+        """(G's x_0 [B, C, H, W] with gradient, the regression term): DMD's (Yin et al. 2024a,
+        eq. 8), its target y the anchor's x_0 at G's own input rather than the teacher's ODE
+        sample, and MSE for LPIPS (a trained network's features); times config.anchor, 0 when
+        off."""
+        x, t = self.inputs(net, batch, y)
+        x0 = denoised(net, self.diffusion, x, t, y)
+        if not self.config.anchor:
+            return x0, 0.0
+        # read at G's precision: where G is still the anchor, the term is exactly zero
+        with torch.no_grad(), read_only(self.anchor):
+            target = denoised(self.anchor, self.diffusion, x, t, y)
+        return x0, self.config.anchor * F.mse_loss(x0.float(), target.float())
 
     def noise_levels(self, batch, lo=0.0, hi=1.0):
         """Timesteps uniform in [lo T, hi T) for this rank's share of the batch: [B]."""
@@ -165,16 +190,17 @@ class DistributionMatching:
 
     def generator_loss(self, net, batch):
         """DMD2, Algorithm 1, the generator's update: the matching loss at x_t of G's samples, the
-        teacher and the critic read in fp32, plus the GAN term through the critic's head."""
+        teacher and the critic read in fp32, plus the GAN term through the critic's head, plus
+        the regression term towards the anchor (self.anchored)."""
         y, critic = batch.labels_of_mine(), self.parts[0].model
-        x0 = self.generate(net, batch, y)
+        x0, regression = self.anchored(net, batch, y)
         t = self.noise_levels(batch, self.config.t_low, self.config.t_high)
         xt = self.real_diffusion.q_sample(x0, t, batch.noise())
         with read_only(critic):  # the critic's gradient here would be thrown away
             with torch.no_grad(), torch.autocast(xt.device.type, enabled=False):
                 real = self.real_x0(xt.float(), t, y)
                 fake = denoised(critic, self.real_diffusion, xt.float(), t, y)
-            loss = matching_loss(x0.float(), real, fake)
+            loss = matching_loss(x0.float(), real, fake) + regression
             if self.config.gan_generator:
                 logits = critic(*self.noised(x0, batch), y, logits=True).float()
                 loss = loss + self.config.gan_generator * F.softplus(-logits).mean()
@@ -221,7 +247,8 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
     """(the DistributionMatching method, the loop's state, save_to(folder)): a generator started
     from the distilled student `student_ckpt` (its EMA weights), the critic from the teacher,
     the real score the teacher; or all of them from `saved`, a checkpoint of this run, whose
-    record keeps the teacher and its guide. source: what the record says the run came from."""
+    record keeps the teacher, its guide and the anchor. source: what the record says the run
+    came from."""
     if saved is not None:
         record = saved["distillation"]
         teacher, teacher_diffusion = build_teacher(saved, device)
@@ -236,9 +263,14 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
               "the teacher keeps no guide to autoguide it by: set autoguidance 0")
         generator_config, diffusion_config = (student_ckpt["config"]["model"],
                                               student_ckpt["config"]["diffusion"])
-    student, diffusion = build_model({"config": {"model": generator_config,
-                                                 "diffusion": diffusion_config},
-                                      "ema": (saved or student_ckpt)["ema"]}, device)
+    configs = {"model": generator_config, "diffusion": diffusion_config}
+    student, diffusion = build_model({"config": configs, "ema": (saved or student_ckpt)["ema"]},
+                                     device)
+    # the regression term's anchor, the student G starts as: kept in the record, since G and
+    # its EMA move away from it and resuming could not rebuild it from them
+    anchor = (saved["distillation"]["anchor"] if saved is not None
+              else student.state_dict() if config.anchor else None)
+    anchor = None if anchor is None else build_model({"config": configs, "ema": anchor}, device)[0]
     generator = new_part(student.config, cfg, device)
     critic_model = Critic(UNet(teacher.config)).to(device)
     critic = Part(critic_model, torch.optim.Adam(critic_model.parameters(), lr=cfg.lr,
@@ -250,14 +282,17 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
         generator.model.load_state_dict(student.state_dict())
         critic_model.score.load_state_dict(teacher.state_dict())
     method = DistributionMatching(real_score(teacher, guide, config), teacher_diffusion,
-                                  diffusion.to(device), critic, generator, config)
+                                  diffusion.to(device), critic, generator, config, anchor)
+
+    def kept(net):  # a frozen network's weights, as the record keeps them
+        weights = None if net is None else net.state_dict()
+        return weights and {k: v.detach().clone() for k, v in weights.items()}
     record = saved["distillation"] if saved is not None else {
         "method": "dmd", "matching": config.to_dict(),
         "sampler": generator_sampler(config).to_dict(), "round": 1,
         "from_steps": config.steps, "to_steps": config.steps, "guidance": config.guidance,
         "source": source, "teacher": teacher_checkpoint(teacher, teacher_diffusion),
-        "guide": None if guide is None else {k: v.detach().clone()
-                                             for k, v in guide.state_dict().items()}}
+        "guide": kept(guide), "anchor": kept(anchor)}
 
     def save_to(folder):
         save_checkpoint(make_checkpoint(generator, method.diffusion, cfg.recipe(), state, 1,
@@ -266,14 +301,16 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
 
 
 def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None, sampler=None,
-                   gan_weights=None):
+                   gan_weights=None, anchor=None):
     """(teacher checkpoint, student checkpoint, MatchingConfig, source record) of a new DMD run
     of distill.py, from its flags --teacher (None: the one the student came from), --student,
-    --to-steps, --autoguidance (None: the teacher's default sampler's), --generator-sampler and
-    --gan-weights (None: MatchingConfig's)."""
+    --to-steps, --autoguidance (None: the teacher's default sampler's), --generator-sampler,
+    --gan-weights and --anchor (None: MatchingConfig's)."""
     weights = " ".join(f"{w:g}" for w in gan_weights or ())
     check(not weights or min(gan_weights) >= 0,
           f"--gan-weights must be 0 (off) or more, got {weights}")
+    if anchor is not None:
+        check(anchor >= 0, f"--anchor must be 0 (off) or more, got {anchor:g}")
     check(student_path, "--method dmd starts its generator from a distilled student: give "
                         "--student checkpoints/distilled/N-steps (`python distill.py` makes them)")
     student, student_file = open_checkpoint(student_path)
@@ -300,12 +337,14 @@ def start_matching(teacher_path, student_path, to_steps=None, autoguidance=None,
           f"--autoguidance: the teacher {teacher_file} keeps no guide: drop --autoguidance")
     check(autoguidance is None or autoguidance >= 0,
           f"--autoguidance must be 0 (off) or more, got {autoguidance}")
-    gan = dict(zip(("gan_generator", "gan_critic"), gan_weights or ()))
+    chosen = dict(zip(("gan_generator", "gan_critic"), gan_weights or ()))
+    if anchor is not None:
+        chosen["anchor"] = anchor
     if autoguidance is None:
         autoguidance = AUTOGUIDANCE if teacher["guide"] is not None else 0.0
     # the guidance the student learned: matched with the teacher guided as it was
     config = MatchingConfig(steps=steps, sampler=sampler or MatchingConfig.sampler,
-                            guidance=record["guidance"], autoguidance=autoguidance, **gan)
+                            guidance=record["guidance"], autoguidance=autoguidance, **chosen)
     source = {"checkpoint": str(teacher_file), "step": teacher["step"],
               "student": str(student_file)}
     return teacher, student, config, source

@@ -49,6 +49,7 @@ LAYOUTS[8] = {**LAYOUTS[7], "TrainConfig": sorted(LAYOUTS[7]["TrainConfig"] + ["
 LAYOUTS[9] = {**LAYOUTS[8], "keys": sorted(LAYOUTS[8]["keys"] + ["guide"]),
               "TrainConfig": sorted(LAYOUTS[8]["TrainConfig"] + ["guide_fraction"])}
 LAYOUTS[10] = {**LAYOUTS[9], "keys": sorted(LAYOUTS[9]["keys"] + ["parts"])}  # a method's other networks
+LAYOUTS[11] = LAYOUTS[10]  # a DMD run's record gained its regression term's weight and anchor
 
 
 def test_the_checkpoint_version_changes_with_what_a_checkpoint_holds(good_checkpoint):

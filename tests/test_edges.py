@@ -188,7 +188,7 @@ def numeric_flags(kind):
 
 
 def test_every_numeric_flag_is_found():
-    assert len(numeric_flags("whole")) == 33 and len(numeric_flags("real")) == 22
+    assert len(numeric_flags("whole")) == 33 and len(numeric_flags("real")) == 23
 
 
 @pytest.mark.parametrize("command, flag", numeric_flags("whole") + numeric_flags("real"))
