@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from checkpoint import build_guide, build_model, load_checkpoint
 from cli import (MAX_BATCH, MAX_IMAGES, ArgumentParser, UserError, check, check_writable,
-                 finite, interrupted_by_signals, run_command, seed, whole)
+                 finite, given, interrupted_by_signals, run_command, seed, whole)
 from consistency import consistency_model
 from data import load_fashion_mnist, to_model_range
 from device import pick_device
@@ -123,8 +123,7 @@ def plan(args, timesteps, conditional, both=True, student=None):
                                         "unguided: drop --guide")
     check(not (args.guide and args.autoguidance == 0),
           "--guide with --autoguidance 0 guides nothing: drop one of them")
-    single = [f"--{k.replace('_', '-')}" for k in ("sampler", "steps", "eta", "no_ema")
-              if getattr(args, k) not in (None, False)]
+    single = given(args, "sampler", "steps", "eta", "no_ema")  # --eta 0 is given too
     check(not (args.sweep and single), f"--sweep scores every --grid entry with both weights: drop "
                                        f"{', '.join(single)}")
     check(args.sweep or args.grid is None,
@@ -162,11 +161,9 @@ def likelihood(args, ckpt, device):
     """--bpd: the bound in bits per dimension on the test set, estimated (unbiased, two network
     evaluations per image) over all of it with its standard error, and exact on the first
     --bpd-exact images."""
-    sampling = [f"--{k.replace('_', '-')}" for k in ("n", "sampler", "steps", "eta", "sweep",
-                                                      "grid", "guidance", "guidance_sweep",
-                                                      "unconditional", "classifier_dir",
-                                                      "autoguidance", "guide", "inpaint")
-                if getattr(args, k) not in (None, False)] + ["--jumps"] * (args.jumps > 1)
+    sampling = given(args, "n", "sampler", "steps", "eta", "sweep", "grid", "guidance",
+                     "guidance_sweep", "unconditional", "classifier_dir", "autoguidance", "guide",
+                     "inpaint") + ["--jumps"] * (args.jumps > 1)
     check(not sampling, f"--bpd scores the model's likelihood and draws no samples: drop "
                         f"{', '.join(sampling)}")
     check(ckpt["distillation"] is None,
@@ -266,11 +263,9 @@ def check_inpainting(args):
     """--inpaint's mask [1, 1, H, W], after refusing what it cannot score: before a classifier is
     trained or a folder made."""
     check(args.inpaint, "--jumps is RePaint's resampling, for --inpaint: drop it")
-    given = [f"--{k.replace('_', '-')}" for k in ("sweep", "grid", "guidance", "guidance_sweep",
-                                                   "unconditional", "no_ema")
-             if getattr(args, k) not in (None, False)]
-    check(not given, f"--inpaint scores one sampler of one teacher's EMA, given no class: drop "
-                     f"{', '.join(given)}")
+    other = given(args, "sweep", "grid", "guidance", "guidance_sweep", "unconditional", "no_ema")
+    check(not other, f"--inpaint scores one sampler of one teacher's EMA, given no class: drop "
+                     f"{', '.join(other)}")
     check_jumps(args.jumps, args.sampler)
     return mask_from_flag(args.inpaint)
 

@@ -159,14 +159,14 @@ class DistributionMatching:
 
     def anchored(self, net, batch, y):
         """(G's x_0 [B, C, H, W] with gradient, the regression term): DMD's (Yin et al. 2024a,
-        eq. 8), its target y the anchor's x_0 at G's own input rather than the teacher's ODE
+        eq. 8), its target the anchor's x_0 at G's own input rather than the teacher's ODE
         sample, and MSE for LPIPS (a trained network's features); times config.anchor, 0 when
         off."""
         x, t = self.inputs(net, batch, y)
         x0 = denoised(net, self.diffusion, x, t, y)
         if not self.config.anchor:
             return x0, 0.0
-        # read at G's precision: where G is still the anchor, the term is exactly zero
+        # read at G's precision, so that at the start (G the anchor, no dropout) the term is 0
         with torch.no_grad(), read_only(self.anchor):
             target = denoised(self.anchor, self.diffusion, x, t, y)
         return x0, self.config.anchor * F.mse_loss(x0.float(), target.float())

@@ -1,6 +1,8 @@
 """DMD's regression term (matching.py, --anchor): G's x_0 pulled towards the frozen student it
 started from, at the same inputs. Against closed forms with affine generators, then as distill.py
 runs it: recorded, kept on --resume, bitwise resumable, and absent from older checkpoints."""
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -36,6 +38,10 @@ def test_the_regression_term_is_the_weighted_mse_to_the_anchors_x0():
     assert anchored(G, anchor, 0.0).anchored(G, batch(), None)[1] == 0  # off: no term
     with pytest.raises(ValueError, match="needs the anchor network"):
         anchored(G, None, 0.5)
+    for bad in ({"anchor": -1.0}, {"anchor": math.inf}, {"anchor": math.nan},
+                {"gan_generator": math.inf}):
+        with pytest.raises(ValueError, match="0 or more, finite"):
+            MatchingConfig(**bad)
 
 
 def test_with_nothing_to_match_the_update_takes_g_to_its_anchor():
@@ -53,8 +59,8 @@ def test_with_nothing_to_match_the_update_takes_g_to_its_anchor():
 
 
 def test_a_generator_update_changes_g_and_never_the_anchor(good_checkpoint, pd):
-    """G is its anchor at this first step, so the term is zero: what is checked is that nothing
-    reaches the anchor (that the term acts, the next test's run without it shows)."""
+    """G is its anchor at this first step (no dropout here), so the term is zero: what is
+    checked is that nothing reaches the anchor (that the term acts, the next test shows)."""
     teacher, student = load_checkpoint(good_checkpoint), load_checkpoint(pd)
     cfg = TrainConfig(batch_size=8, lr=1e-3, precision="fp32")
     config = MatchingConfig(steps=2, critic_updates=1, anchor=0.5)
@@ -98,6 +104,7 @@ def test_the_anchor_is_the_runs_and_resume_keeps_it_bitwise(cli, good_checkpoint
     ("negative", ["--anchor", -1], "--anchor must be 0 (off) or more, got -1"),
     ("not dmd", ["--method", "progressive", "--student", "", "--anchor", 1],
      "--anchor applies to --method dmd"),
+    ("ect", ["--method", "ect", "--student", "", "--anchor", 1], "drop --student, --anchor"),
 ])
 def test_bad_anchors_are_refused_in_one_line(cli, good_checkpoint, pd, fails, case, args,
                                              expected):

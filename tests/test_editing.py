@@ -222,6 +222,8 @@ def test_edits_of_a_conditional_autoguided_model_draw_with_no_class(cli, capsys)
 @pytest.mark.parametrize("args, message", [
     (["--jumps", "2"], "for --inpaint: drop it"),
     (["--inpaint", "top", "--guidance", "1"], "drop --guidance"),
+    (["--inpaint", "top", "--guidance", "0"], "drop --guidance"),  # 0 is a value, not none
+    (["--inpaint", "top", "--bpd", "--eta", "0"], "draws no samples: drop --eta, --classifier-dir"),
     (["--inpaint", "top", "--sweep"], "drop --sweep"),
     (["--inpaint", "top", "--bpd"], "draws no samples: drop --classifier-dir, --inpaint"),
     (["--inpaint", "top", "--jumps", "2"], "add --sampler ddpm"),

@@ -105,6 +105,7 @@ def test_evaluate_end_to_end_is_reproducible(scored_checkpoint, capsys):
     (["--n", "100001"], "argument --n: must be a whole number from 4 to 100000"),
     (["--sampler", "euler"], "invalid choice"),
     (["--steps", "10"], "--sweep scores every --grid entry with both weights: drop --steps"),
+    (["--eta", "0"], "--sweep scores every --grid entry with both weights: drop --eta"),  # 0 too
     (["--sampler", "ddim", "--no-ema"], "drop --sampler, --no-ema"),
     (["--guidance-sweep", "0", "1"], "--sweep and --guidance-sweep are separate evaluations"),
     (["--guidance", "1"], "need a class-conditional checkpoint"),
