@@ -17,11 +17,11 @@ from test_matching import (Affine, Gaussian, MU, S, batch, changed, dmd, flat,  
 from training import Batch, Part, take_step
 
 
-def anchored(G, anchor, weight, critic=None):
-    """A 1-step DMD of G whose critic is the real score unless given: the matching gradient is
-    then exactly zero (test_matching), and what moves G is the regression term alone."""
+def anchored(G, anchor, weight):
+    """A 1-step DMD of G whose critic is the real score: the matching gradient is then exactly
+    zero (test_matching), and what moves G is the regression term alone."""
     config = MatchingConfig(steps=1, gan_generator=0.0, gan_critic=0.0, anchor=weight)
-    critic = critic or Gaussian(MU, S**2)
+    critic = Gaussian(MU, S**2)
     return matching.DistributionMatching(
         Gaussian(MU, S**2), critic.d, G.d, Part(critic, None),
         Part(G, torch.optim.Adam(G.parameters(), lr=0.02)), config, anchor)
