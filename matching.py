@@ -268,9 +268,9 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
                                      device)
     # the regression term's anchor, the student G starts as: kept in the record, since G and
     # its EMA move away from it and resuming could not rebuild it from them
-    anchor = (saved["distillation"]["anchor"] if saved is not None
-              else student.state_dict() if config.anchor else None)
-    anchor = None if anchor is None else build_model({"config": configs, "ema": anchor}, device)[0]
+    anchor = student if saved is None and config.anchor else None  # a new run's: no copy needed
+    if saved is not None and saved["distillation"]["anchor"] is not None:
+        anchor = build_model({"config": configs, "ema": saved["distillation"]["anchor"]}, device)[0]
     generator = new_part(student.config, cfg, device)
     critic_model = Critic(UNet(teacher.config)).to(device)
     critic = Part(critic_model, torch.optim.Adam(critic_model.parameters(), lr=cfg.lr,
