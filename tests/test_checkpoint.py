@@ -200,10 +200,12 @@ def test_a_save_that_dies_midway_leaves_the_old_checkpoint(tmp_path, good_checkp
 # ---------------------------------------------------------------------------- files older code wrote
 
 PLAIN = ["v1.pt", "v2.pt", "v3.pt", "v4.pt", "v4-conditional.pt", "v5.pt", "v6.pt", "v7.pt", "v8.pt"]
+GUIDED = ["v9.pt", "v10.pt"]  # from version 9, the cpu preset's run keeps an early EMA as a guide
 STUDENTS = ["v5-student.pt", "v6-student.pt"]
+ONE_RUN = ["v10-dmd.pt", "v10-ect.pt"]  # --method dmd and ect runs, stopped at step 2 of 6
 
 
-@pytest.mark.parametrize("name", PLAIN + STUDENTS)
+@pytest.mark.parametrize("name", PLAIN + GUIDED + STUDENTS)
 def test_every_older_file_loads_in_todays_layout_and_samples(name, tmp_path):
     import sample
     ckpt = load_checkpoint(FIXTURES / name)
@@ -212,7 +214,8 @@ def test_every_older_file_loads_in_todays_layout_and_samples(name, tmp_path):
     assert model.config.width == 8 and diffusion.timesteps == 20
     train = ckpt["config"]["train"]
     assert (train["plan_minutes"], train["planned_rate"]) == (0, 0)  # no older run planned its length
-    assert train["guide_fraction"] == 0 and ckpt["guide"] is None  # nor kept a guide
+    kept = name in GUIDED
+    assert (train["guide_fraction"] > 0, ckpt["guide"] is not None) == (kept, kept)
     if ckpt["distillation"]:  # a student samples with the sampler it was distilled for, and no other
         assert SamplerConfig(**ckpt["distillation"]["sampler"]) == student_sampler(2)
         checkpoint.build_teacher(ckpt)
@@ -221,7 +224,7 @@ def test_every_older_file_loads_in_todays_layout_and_samples(name, tmp_path):
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "s.npz").is_file()
 
 
-@pytest.mark.parametrize("name", PLAIN)
+@pytest.mark.parametrize("name", PLAIN + GUIDED)
 def test_every_older_file_resumes(name, cli):
     import train
     (cli.ckpt).mkdir(parents=True)
@@ -257,6 +260,34 @@ def test_an_older_student_teaches_the_next_round(name, cli):
     student = load_checkpoint(cli.ckpt / "1-steps")
     assert student["distillation"]["sampler"] == student_sampler(1).to_dict()
     assert student["distillation"]["round"] == 2 and student["step"] == 10
+
+
+@pytest.mark.parametrize("name", ONE_RUN)
+def test_an_older_dmd_or_ect_run_reads_resumes_and_samples(name, cli):
+    """Version 11 gave DMD the regression term: an older run reads with it off and no anchor, and
+    goes on to its end; its networks train on, and it is written back in today's version."""
+    import distill
+    import sample
+    raw = torch.load(FIXTURES / name, weights_only=True)
+    folder = cli.ckpt / "2-steps"
+    folder.mkdir(parents=True)
+    (folder / "ckpt.pt").write_bytes((FIXTURES / name).read_bytes())
+    record, old = load_checkpoint(folder)["distillation"], raw["distillation"]
+    if "matching" in old:  # DMD: the term off and no anchor; the rest as it was written
+        assert (record["matching"], record["anchor"]) == ({**old["matching"], "anchor": 0.0}, None)
+    assert record.keys() - {"anchor"} == old.keys() and record["sampler"] == old["sampler"]
+    distill.main([str(a) for a in ["--resume", cli.ckpt, "--data-dir", cli.data,
+                                   "--output-dir", cli.out, "--sample-n", 0]])
+    after = torch.load(folder / "ckpt.pt", weights_only=True)
+    assert (after["step"], after["version"]) == (6, VERSION)
+    assert after["distillation"].get("anchor") is None  # resumed as it ran: without the term
+    weights = [(after["model"], raw["model"])] + [(a["model"], b["model"])
+                                                  for a, b in zip(after["parts"], raw["parts"])]
+    assert len(weights) == 1 + len(raw["parts"])  # DMD's critic too, kept as one part
+    for new, before in weights:  # each network trained on
+        assert any(not torch.equal(new[k], before[k]) for k in before)
+    sample.main([str(a) for a in ["--checkpoint", folder, "--output-dir", cli.out, "--n", 3]])
+    assert (cli.out / "samples.png").is_file()
 
 
 @pytest.mark.parametrize("change, message", [
