@@ -285,8 +285,7 @@ def matching(teacher_ckpt, student_ckpt, config, cfg, device, source, saved=None
                                   diffusion.to(device), critic, generator, config, anchor)
 
     def kept(net):  # a frozen network's weights, as the record keeps them
-        weights = None if net is None else net.state_dict()
-        return weights and {k: v.detach().clone() for k, v in weights.items()}
+        return None if net is None else {k: v.detach().clone() for k, v in net.state_dict().items()}
     record = saved["distillation"] if saved is not None else {
         "method": "dmd", "matching": config.to_dict(),
         "sampler": generator_sampler(config).to_dict(), "round": 1,
